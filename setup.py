@@ -1,0 +1,26 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="congressctl",
+    version="0.1.0",
+    description="Deploy, run, watch and failure-test a highly available Congress-style policy service",
+    packages=find_packages(include=["congressctl", "congressctl.*"]) + ["congressctl.templates"],
+    package_dir={"congressctl.templates": "templates"},
+    package_data={"congressctl.templates": ["*.j2", "ocf/*"]},
+    python_requires=">=3.11",
+    install_requires=[
+        "click>=8.1",
+        "rich>=13.0",
+        "pyyaml>=6.0",
+        "jinja2>=3.1",
+        "paramiko>=3.4",
+        "redis>=5.0",
+        "starlette>=0.37",
+        "uvicorn>=0.29",
+        "httpx>=0.27",
+    ],
+    extras_require={
+        "test": ["pytest>=8.0", "hypothesis>=6.100", "pytest-timeout>=2.3"],
+    },
+    entry_points={"console_scripts": ["congressctl=congressctl.cli:main"]},
+)

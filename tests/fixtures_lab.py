@@ -1,0 +1,1 @@
+"""Fixtures: lab (filled in by its owner)."""

@@ -1,0 +1,1 @@
+"""Fixtures: redis (filled in by its owner)."""

@@ -1,0 +1,1 @@
+"""Fixtures: sshd (filled in by its owner)."""
