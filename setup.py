@@ -4,9 +4,9 @@ setup(
     name="congressctl",
     version="0.1.0",
     description="Deploy, run, watch and failure-test a highly available Congress-style policy service",
-    packages=find_packages(include=["congressctl", "congressctl.*"]) + ["congressctl.templates"],
-    package_dir={"congressctl.templates": "templates"},
-    package_data={"congressctl.templates": ["*.j2", "ocf/*"]},
+    packages=find_packages(include=["congressctl", "congressctl.*"]),
+    # congressctl/templates is a link to the top-level templates/ folder; wheels carry the files themselves.
+    package_data={"congressctl": ["templates/*.j2", "templates/ocf/*"]},
     python_requires=">=3.11",
     install_requires=[
         "click>=8.1",

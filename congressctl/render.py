@@ -1,0 +1,141 @@
+"""Inventory model -> every config file, per node and once per cluster. Deterministic: same input, same bytes.
+
+Templates live in templates/ (reached through the link congressctl/templates, so wheels carry them). No config text is built in
+Python: each file is one template, rendered with StrictUndefined (and autoescape for XML).
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+
+from congressctl.inventory import Inventory, Node
+
+CIB_PATH = "/etc/congressctl/cib.xml"
+OCF_DIR = "/usr/lib/ocf/resource.d/congressctl"
+
+
+@dataclass(frozen=True)
+class Secrets:
+    """Generated once by deploy and kept in the state dir; render never needs them to produce public files."""
+
+    bus_password: str
+    corosync_authkey: bytes
+
+
+@dataclass(frozen=True)
+class RenderedFile:
+    path: str           # absolute path on the host
+    content: bytes
+    mode: int = 0o644
+    owner: str | None = None
+    secret: bool = False
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path)
+
+
+def templates_dir() -> Path:
+    return Path(str(importlib.resources.files("congressctl") / "templates"))
+
+
+def _environment(autoescape: bool) -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(templates_dir())),
+        undefined=jinja2.StrictUndefined,
+        autoescape=autoescape,
+        keep_trailing_newline=True,
+        trim_blocks=False,
+    )
+
+
+_TEXT = _environment(autoescape=False)
+_XML = _environment(autoescape=True)
+
+
+def _context(inv: Inventory) -> dict:
+    return {"inv": inv, "inventory_name": inv.path.name}
+
+
+def render_cib(inv: Inventory) -> bytes:
+    """The Pacemaker configuration: properties, VIP+HAProxy, api-pe clone, DSD warm standby, the bus."""
+    bus_nodes = inv.with_role("bus")
+    multi_bus = len(bus_nodes) > 1
+    count = len(inv.dsd_preference)
+    dsd_scores = {name: 10 * (count - i) for i, name in enumerate(inv.dsd_preference)}
+    return _XML.get_template("cib.xml.j2").render(
+        **_context(inv),
+        fencing_disabled=inv.pacemaker.fencing == "disabled",
+        bus_nodes=bus_nodes,
+        multi_bus=multi_bus,
+        bus_resource="bus-clone" if multi_bus else "bus",
+        bus_entry="bus-vip" if multi_bus else "bus",
+        dsd_scores=dsd_scores,
+    ).encode()
+
+
+def render_node(inv: Inventory, node: Node, secrets: Secrets | None = None) -> list[RenderedFile]:
+    """Every file one node needs. Secret files are included only when secrets are given (deploy)."""
+    ctx = {**_context(inv), "node": node}
+    files = [
+        RenderedFile("/etc/corosync/corosync.conf", _TEXT.get_template("corosync.conf.j2").render(**ctx).encode()),
+        RenderedFile("/etc/haproxy/haproxy.cfg", _TEXT.get_template("haproxy.cfg.j2").render(
+            **ctx, api_nodes=inv.with_role("api-pe")).encode()),
+        RenderedFile("/etc/congressctl/congress.yaml", _TEXT.get_template("congress.yaml.j2").render(**ctx).encode()),
+        RenderedFile(CIB_PATH, render_cib(inv)),
+    ]
+    if node.has("bus"):
+        password = secrets.bus_password if secrets else None
+        files.append(RenderedFile("/etc/congressctl/redis.conf",
+                                  _TEXT.get_template("redis.conf.j2").render(**ctx, password=password).encode(),
+                                  mode=0o600, owner="redis", secret=secrets is not None))
+    files.extend(ocf_agents())
+    if secrets:
+        files.append(RenderedFile("/etc/corosync/authkey", secrets.corosync_authkey, mode=0o400, secret=True))
+        files.append(RenderedFile("/etc/congressctl/bus.password", secrets.bus_password.encode(), mode=0o600,
+                                  secret=True))
+    return files
+
+
+def ocf_agents() -> list[RenderedFile]:
+    """The OCF resource agents shipped in templates/ocf, installed as ocf:congressctl:<name>."""
+    ocf = templates_dir() / "ocf"
+    if not ocf.is_dir():
+        return []
+    return [RenderedFile(f"{OCF_DIR}/{p.name}", p.read_bytes(), mode=0o755)
+            for p in sorted(ocf.iterdir()) if p.is_file() and not p.name.startswith(".")]
+
+
+def render_all(inv: Inventory, secrets: Secrets | None = None) -> dict[str, list[RenderedFile]]:
+    return {node.name: render_node(inv, node, secrets) for node in inv.nodes}
+
+
+def write_tree(rendered: dict[str, list[RenderedFile]], cib: bytes, out: Path) -> list[Path]:
+    """Write `out/<node>/<file>` and `out/cib.xml`, each atomically; returns the paths written."""
+    written = [_atomic_write(out / "cib.xml", cib, 0o644)]
+    for node, files in sorted(rendered.items()):
+        for f in files:
+            if f.path == CIB_PATH:
+                continue
+            written.append(_atomic_write(out / node / f.name, f.content, f.mode))
+    return written
+
+
+def _atomic_write(path: Path, data: bytes, mode: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,222 @@
+"""Check rendered files with the cluster's own tools: corosync -t, haproxy -c, crm_verify, crm_simulate.
+
+Each check returns a CheckResult (tool, target, ok, detail); callers decide what a failure means.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from itertools import count
+from pathlib import Path
+
+from congressctl.errors import ToolMissingError
+from congressctl.inventory import Inventory
+from congressctl.render import RenderedFile
+
+TOOL_TIMEOUT_S = 60
+TOOLS = ("corosync", "haproxy", "crm_verify", "crm_simulate", "crm_mon", "ip", "unshare")
+_netns_serial = count()
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    tool: str
+    target: str
+    ok: bool
+    detail: str = ""
+
+
+@dataclass
+class Placement:
+    """Where each resource runs in a simulated cluster (from crm_mon XML, never from its human output)."""
+
+    running: dict[str, list[str]] = field(default_factory=dict)
+    promoted: dict[str, list[str]] = field(default_factory=dict)
+
+    def on(self, resource: str) -> list[str]:
+        return self.running.get(resource, [])
+
+
+def missing_tools() -> list[str]:
+    return [t for t in TOOLS if shutil.which(t) is None]
+
+
+def require_tools() -> None:
+    missing = missing_tools()
+    if missing:
+        raise ToolMissingError(f"validator tools not installed: {', '.join(missing)} (run `make install`, or "
+                               "pass --no-tools to skip these checks)")
+    if os.geteuid() != 0:
+        raise ToolMissingError("checking corosync.conf needs root (a throwaway network namespace holds the "
+                               "node's address); run as root or pass --no-tools")
+
+
+def _run(argv: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=TOOL_TIMEOUT_S, **kw)
+
+
+def _tail(proc: subprocess.CompletedProcess, lines: int = 6) -> str:
+    text = (proc.stderr or "") + (proc.stdout or "")
+    kept = [ln for ln in text.strip().splitlines() if "Partial" not in ln]
+    return "\n".join(kept[-lines:])
+
+
+def check_corosync(conf: bytes, address: str, node: str) -> CheckResult:
+    """corosync -t also checks the local host is a member, so run it where the node's address lives:
+    a throwaway network namespace with the address on lo, and a private mount namespace with a scratch
+    authkey and log directory (corosync -t insists both exist)."""
+    netns = f"cctl-check-{os.getpid()}-{next(_netns_serial)}"
+    with tempfile.TemporaryDirectory(prefix="cctl-corosync-") as tmp:
+        conf_path = Path(tmp) / "corosync.conf"
+        conf_path.write_bytes(conf)
+        script = ("mount -t tmpfs cctl /etc/corosync && head -c 256 /dev/urandom > /etc/corosync/authkey && "
+                  "mount -t tmpfs cctl /var/log && mkdir -p /var/log/cluster && "
+                  f"exec corosync -t -c {conf_path}")
+        try:
+            _run(["ip", "netns", "add", netns], check=True)
+            _run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True)
+            _run(["ip", "-n", netns, "addr", "add", f"{address}/32", "dev", "lo"], check=True)
+            proc = _run(["ip", "netns", "exec", netns, "unshare", "--mount", "--propagation", "private",
+                         "sh", "-c", script])
+        finally:
+            _run(["ip", "netns", "del", netns])
+    return CheckResult("corosync -t", f"{node}/corosync.conf", proc.returncode == 0,
+                       "" if proc.returncode == 0 else f"exit {proc.returncode}: {_tail(proc)}")
+
+
+def check_haproxy(cfg: bytes, node: str) -> CheckResult:
+    with tempfile.NamedTemporaryFile(prefix="cctl-haproxy-", suffix=".cfg") as fh:
+        fh.write(cfg)
+        fh.flush()
+        proc = _run(["haproxy", "-c", "-f", fh.name])
+    return CheckResult("haproxy -c", f"{node}/haproxy.cfg", proc.returncode == 0,
+                       "" if proc.returncode == 0 else f"exit {proc.returncode}: {_tail(proc)}")
+
+
+def check_cib(cib: bytes) -> CheckResult:
+    with tempfile.NamedTemporaryFile(prefix="cctl-cib-", suffix=".xml") as fh:
+        fh.write(cib)
+        fh.flush()
+        proc = _run(["crm_verify", "--xml-file", fh.name])
+    return CheckResult("crm_verify", "cib.xml", proc.returncode == 0,
+                       "" if proc.returncode == 0 else f"exit {proc.returncode}: {_tail(proc)}")
+
+
+def simulate(cib: bytes, up: list[str], fail: list[str] = ()) -> Placement:
+    """Bring `up` nodes online in the rendered CIB, let the scheduler place everything, then fail `fail`."""
+    with tempfile.TemporaryDirectory(prefix="cctl-sim-") as tmp:
+        src, state = Path(tmp) / "cib.xml", Path(tmp) / "up.xml"
+        src.write_bytes(cib)
+        argv = ["crm_simulate", "-x", str(src), "-S", "-q", "true", "-O", str(state)]
+        for node in up:
+            argv += ["-u", node]
+        _simulate_step(argv)
+        if fail:
+            failed = Path(tmp) / "failed.xml"
+            argv = ["crm_simulate", "-x", str(state), "-S", "-q", "true", "-O", str(failed)]
+            for node in fail:
+                argv += ["-f", node]
+            _simulate_step(argv)
+            state = failed
+        proc = _run(["crm_mon", "-1", "--output-as=xml"], env={**os.environ, "CIB_file": str(state)})
+        if proc.returncode != 0:
+            raise ToolMissingError(f"crm_mon could not read the simulated cluster: {_tail(proc)}")
+        return parse_crm_mon(proc.stdout)
+
+
+def _simulate_step(argv: list[str]) -> None:
+    proc = _run(argv)
+    if proc.returncode != 0:
+        raise ToolMissingError(f"crm_simulate failed (exit {proc.returncode}): {_tail(proc)}")
+
+
+def parse_crm_mon(xml_text: str) -> Placement:
+    """Resource placement from `crm_mon --output-as=xml` (real or simulated)."""
+    root = ET.fromstring(xml_text)
+    placement = Placement()
+    resources = root.find("resources")
+    for res in resources.iter("resource") if resources is not None else []:
+        if res.get("active") != "true" or res.get("failed") == "true":
+            continue
+        nodes = [n.get("name") for n in res.findall("node")]
+        placement.running.setdefault(res.get("id"), []).extend(nodes)
+        if res.get("role") in ("Promoted", "Master"):
+            placement.promoted.setdefault(res.get("id"), []).extend(nodes)
+    for table in (placement.running, placement.promoted):
+        for rid in table:
+            table[rid] = sorted(table[rid])
+    return placement
+
+
+def _names(nodes: list[str]) -> str:
+    return ", ".join(nodes) or "nowhere"
+
+
+def check_placements(inv: Inventory, cib: bytes) -> list[CheckResult]:
+    """The failure drills crm_simulate answers: all up, DSD node fails, VIP node fails, promoted bus fails."""
+    names = [n.name for n in inv.nodes]
+    results = []
+    up = simulate(cib, names)
+    results.append(_expect_all_up(inv, up))
+    dsd_node = up.on("dsd")[0] if up.on("dsd") else None
+    if dsd_node and len(inv.dsd_preference) > 1:
+        after = simulate(cib, names, [dsd_node])
+        want = next(n for n in inv.dsd_preference if n != dsd_node)
+        ok = after.on("dsd") == [want]
+        results.append(CheckResult("crm_simulate", f"fail {dsd_node} (DSD node)", ok,
+                                   f"DSD moves to {_names(after.on('dsd'))} (expected {want})"))
+    vip_node = up.on("vip")[0] if up.on("vip") else None
+    if vip_node and len(names) > 1:
+        after = simulate(cib, names, [vip_node])
+        moved = after.on("vip") and after.on("vip") != [vip_node]
+        ok = bool(moved) and after.on("vip") == after.on("haproxy")
+        results.append(CheckResult("crm_simulate", f"fail {vip_node} (VIP node)", ok,
+                                   f"VIP on {_names(after.on('vip'))}, HAProxy on {_names(after.on('haproxy'))}"))
+    bus_nodes = inv.with_role("bus")
+    if len(bus_nodes) > 1 and up.promoted.get("bus"):
+        promoted = up.promoted["bus"][0]
+        after = simulate(cib, names, [promoted])
+        new = after.promoted.get("bus", [])
+        ok = len(new) == 1 and new[0] != promoted and after.on("bus-vip") == new
+        results.append(CheckResult("crm_simulate", f"fail {promoted} (promoted bus)", ok,
+                                   f"bus promoted on {_names(new)}, bus VIP on {_names(after.on('bus-vip'))}"))
+    return results
+
+
+def _expect_all_up(inv: Inventory, up: Placement) -> CheckResult:
+    problems = []
+    if up.on("dsd") != [inv.dsd_preference[0]]:
+        problems.append(f"DSD on {up.on('dsd')}, expected [{inv.dsd_preference[0]}]")
+    api_nodes = sorted(n.name for n in inv.with_role("api-pe"))
+    if up.on("api-pe") != api_nodes:
+        problems.append(f"api-pe on {up.on('api-pe')}, expected {api_nodes}")
+    if len(up.on("vip")) != 1 or up.on("vip") != up.on("haproxy"):
+        problems.append(f"VIP on {up.on('vip')} and HAProxy on {up.on('haproxy')}: expected one node, together")
+    bus_nodes = inv.with_role("bus")
+    if len(bus_nodes) == 1 and up.on("bus") != [bus_nodes[0].name]:
+        problems.append(f"bus on {up.on('bus')}, expected [{bus_nodes[0].name}]")
+    if len(bus_nodes) > 1 and (len(up.promoted.get("bus", [])) != 1 or up.on("bus-vip") != up.promoted["bus"]):
+        problems.append(f"promoted bus {up.promoted.get('bus')}, bus VIP on {up.on('bus-vip')}")
+    detail = "; ".join(problems) or (f"DSD on {_names(up.on('dsd'))}; api-pe on {_names(up.on('api-pe'))}; "
+                                     f"VIP+HAProxy on {_names(up.on('vip'))}")
+    return CheckResult("crm_simulate", "all nodes up", not problems, detail)
+
+
+def verify_all(inv: Inventory, rendered: dict[str, list[RenderedFile]], cib: bytes) -> list[CheckResult]:
+    """Every rendered file through its own tool, then the placement drills."""
+    require_tools()
+    results = []
+    for node in inv.nodes:
+        files = {f.name: f.content for f in rendered[node.name]}
+        results.append(check_corosync(files["corosync.conf"], node.address, node.name))
+        results.append(check_haproxy(files["haproxy.cfg"], node.name))
+    cib_result = check_cib(cib)
+    results.append(cib_result)
+    if cib_result.ok:
+        results.extend(check_placements(inv, cib))
+    return results
