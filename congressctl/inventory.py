@@ -509,10 +509,10 @@ def _cross_checks(inv: Inventory, top: _Map, problems: _Problems) -> None:
         item = node_items.get(node.name)
         path = f"nodes[{inv.nodes.index(node)}]"
         if node.name in seen_names:
-            problems.add(item, f"{path}.name", f"duplicate node name '{node.name}' "
+            problems.add(_value_node(item, "name"), f"{path}.name", f"duplicate node name '{node.name}' "
                          f"(first at line {seen_names[node.name].line})")
         if node.address in seen_addresses:
-            problems.add(item, f"{path}.address", f"duplicate address {node.address} "
+            problems.add(_value_node(item, "address"), f"{path}.address", f"duplicate address {node.address} "
                          f"(also node '{seen_addresses[node.address].name}')")
         seen_names.setdefault(node.name, node)
         seen_addresses.setdefault(node.address, node)
@@ -610,3 +610,28 @@ def _add_warnings(inv: Inventory) -> None:
         inv.warnings.append(f"{count} nodes: vendors support at most {COROSYNC_MEMBER_LIMIT} corosync members")
     if count == 1:
         inv.warnings.append("a single node gives no high availability")
+
+
+def generate(nodes: int, *, cluster: str = "gen", subnet: str = "10.213.0", dsd: int = 3, bus: int = 1,
+             api_pe: int | None = None) -> dict:
+    """A valid inventory as plain data: `nodes` hosts at <subnet>.11.., the first `dsd` allowed to run the
+    DSD, the first `bus` carrying the bus, the last `api_pe` (default all) running api-pe. For tests, the
+    benchmark and the lab."""
+    api_pe = nodes if api_pe is None else api_pe
+    names = [f"n{i + 1}" for i in range(nodes)]
+    hosts = []
+    for i, name in enumerate(names):
+        roles = [r for r, on in (("api-pe", i >= nodes - api_pe), ("dsd", i < dsd), ("bus", i < bus)) if on]
+        hosts.append({"name": name, "address": f"{subnet}.{11 + i}", "roles": roles})
+    data = {
+        "cluster": cluster,
+        "nodes": hosts,
+        "vip": {"address": f"{subnet}.250", "cidr": 24 if nodes < 230 else 16, "interface": "eth0"},
+        "api": {"port": 1789},
+        "bus": {"port": 6379},
+        "pacemaker": {"fencing": "disabled"},
+        "dsd": {"preference": names[:dsd]},
+    }
+    if bus > 1:
+        data["bus"]["vip"] = f"{subnet}.251"
+    return data

@@ -1,0 +1,119 @@
+"""Rendering: deterministic bytes, the right structure per role, secrets only where they belong."""
+
+from __future__ import annotations
+
+import filecmp
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import yaml
+from click.testing import CliRunner
+
+from congressctl.cli import main
+from congressctl.inventory import generate, load_inventory, parse_inventory
+from congressctl.render import Secrets, render_all, render_cib, render_node
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "inventory.example.yaml"
+
+
+def _inv(tmp_path: Path, nodes: int, **kw):
+    return parse_inventory(yaml.safe_dump(generate(nodes, **kw)), tmp_path / "inv.yaml")
+
+
+def _files(inv, node: str, secrets=None) -> dict[str, bytes]:
+    return {f.path: f.content for f in render_node(inv, inv.node(node), secrets)}
+
+
+def test_render_is_byte_identical_across_runs(tmp_path: Path) -> None:
+    runner = CliRunner()
+    for out in ("a", "b"):
+        result = runner.invoke(main, ["render", "-i", str(EXAMPLE), "-o", str(tmp_path / out), "--output", "json"])
+        assert result.exit_code == 0, result.output
+    cmp = filecmp.dircmp(tmp_path / "a", tmp_path / "b")
+    assert sorted(cmp.left_list) == ["cib.xml", "n1", "n2", "n3"]
+    for sub in ["."] + ["n1", "n2", "n3"]:
+        a, b = tmp_path / "a" / sub, tmp_path / "b" / sub
+        names = sorted(p.name for p in a.iterdir() if p.is_file())
+        match, mismatch, errors = filecmp.cmpfiles(a, b, names, shallow=False)
+        assert not mismatch and not errors and match
+
+
+def test_corosync_nodelist_and_two_node(tmp_path: Path) -> None:
+    three = _inv(tmp_path, 3)
+    conf = _files(three, "n1")["/etc/corosync/corosync.conf"].decode()
+    assert conf.count("ring0_addr:") == 3 and "name: n3" in conf and "nodeid: 3" in conf
+    assert "two_node" not in conf
+    two = _inv(tmp_path, 2, dsd=2)
+    assert "two_node: 1" in _files(two, "n1")["/etc/corosync/corosync.conf"].decode()
+
+
+def test_haproxy_backends_are_the_api_pe_nodes(tmp_path: Path) -> None:
+    inv = _inv(tmp_path, 5, api_pe=3)
+    cfg = _files(inv, "n1")["/etc/haproxy/haproxy.cfg"].decode()
+    assert f"bind {inv.vip.address}:1789" in cfg
+    servers = [line.split()[1] for line in cfg.splitlines() if line.strip().startswith("server ")]
+    assert servers == ["n3", "n4", "n5"]
+    for needle in ("option httpchk GET /healthz", "option redispatch", "retries 3", "retry-on ",
+                   "stats socket /run/haproxy/admin.sock"):
+        assert needle in cfg
+
+
+def test_node_config_points_at_the_bus(tmp_path: Path) -> None:
+    inv = _inv(tmp_path, 3)
+    config = yaml.safe_load(_files(inv, "n2")["/etc/congressctl/congress.yaml"])
+    assert config["node_id"] == "n2" and config["api"] == {"bind": "10.213.0.12", "port": 1789}
+    assert config["bus"]["host"] == "10.213.0.11" and config["bus"]["password_file"].endswith("bus.password")
+    multi = _inv(tmp_path, 5, bus=3)
+    assert yaml.safe_load(_files(multi, "n4")["/etc/congressctl/congress.yaml"])["bus"]["host"] == multi.bus.vip
+
+
+def test_cib_structure(tmp_path: Path) -> None:
+    inv = _inv(tmp_path, 5, dsd=3, api_pe=4)
+    root = ET.fromstring(render_cib(inv))
+    locations = {(c.get("rsc"), c.get("node")): c.get("score") for c in root.iter("rsc_location")}
+    assert locations[("api-pe-clone", "n1")] == "-INFINITY"
+    assert ("api-pe-clone", "n2") not in locations
+    scores = [int(locations[("dsd", n)]) for n in ("n1", "n2", "n3")]
+    assert scores == sorted(scores, reverse=True)
+    assert locations[("dsd", "n4")] == "-INFINITY"
+    group = root.find(".//group[@id='frontend']")
+    assert [p.get("id") for p in group.findall("primitive")] == ["vip", "haproxy"]
+    props = {n.get("name"): n.get("value") for n in root.find(".//cluster_property_set").iter("nvpair")}
+    assert props["stonith-enabled"] == "false" and props["no-quorum-policy"] == "stop"
+
+
+def test_multi_bus_is_a_promotable_clone_with_a_following_address(tmp_path: Path) -> None:
+    inv = _inv(tmp_path, 5, bus=3)
+    root = ET.fromstring(render_cib(inv))
+    clone = root.find(".//clone[@id='bus-clone']")
+    meta = {n.get("name"): n.get("value") for n in clone.find("meta_attributes")}
+    assert meta["promotable"] == "true" and meta["promoted-max"] == "1"
+    coloc = root.find(".//rsc_colocation[@id='bus-vip-with-promoted']")
+    assert coloc.get("with-rsc-role") == "Promoted"
+    single = ET.fromstring(render_cib(_inv(tmp_path, 3)))
+    assert single.find(".//clone[@id='bus-clone']") is None and single.find(".//primitive[@id='bus']") is not None
+
+
+def test_fence_device_values_are_escaped_in_xml(tmp_path: Path) -> None:
+    data = generate(3)
+    data["pacemaker"]["fencing"] = {"devices": [{"name": "ipmi", "agent": "fence_ipmilan", "hosts": ["n1"],
+                                                 "params": {"ip": "10.0.0.5", "username": "admin"}}]}
+    inv = parse_inventory(yaml.safe_dump(data), tmp_path / "inv.yaml")
+    root = ET.fromstring(render_cib(inv))
+    fence = root.find(".//primitive[@id='fence-ipmi']")
+    assert fence.get("class") == "stonith" and fence.get("type") == "fence_ipmilan"
+    assert {n.get("name"): n.get("value") for n in fence.iter("nvpair")}["pcmk_host_list"] == "n1"
+    assert not any("fencing is disabled" in w for w in inv.warnings)
+
+
+def test_secrets_only_in_secret_files(tmp_path: Path) -> None:
+    inv = load_inventory(EXAMPLE)
+    secret = Secrets(bus_password="s3cr3t-pass-word", corosync_authkey=b"k" * 256)
+    public = render_all(inv)
+    assert all(b"s3cr3t" not in f.content for files in public.values() for f in files)
+    deployed = render_node(inv, inv.node("n1"), secret)
+    carrying = {f.path: f for f in deployed if b"s3cr3t-pass-word" in f.content}
+    assert set(carrying) == {"/etc/congressctl/redis.conf", "/etc/congressctl/bus.password"}
+    assert all(f.secret and f.mode == 0o600 for f in carrying.values())
+    authkey = next(f for f in deployed if f.path == "/etc/corosync/authkey")
+    assert authkey.secret and authkey.mode == 0o400
