@@ -6,7 +6,7 @@ setup(
     description="Deploy, run, watch and failure-test a highly available Congress-style policy service",
     packages=find_packages(include=["congressctl", "congressctl.*"]),
     # congressctl/templates is a link to the top-level templates/ folder; wheels carry the files themselves.
-    package_data={"congressctl": ["templates/*.j2", "templates/ocf/*"]},
+    package_data={"congressctl": ["templates/*.j2", "templates/ocf/*", "templates/bin/*"]},
     python_requires=">=3.11",
     install_requires=[
         "click>=8.1",

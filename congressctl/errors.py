@@ -88,6 +88,10 @@ class HostKeyError(RemoteError):
 class DeployError(CongressctlError):
     """A deploy step failed on one or more hosts."""
 
+    def __init__(self, message: str, *, step: str | None = None, **kw):
+        super().__init__(message, **kw)
+        self.step = step
+
 
 class LabError(CongressctlError):
     """The lab could not be made, inspected or torn down."""
@@ -126,3 +130,7 @@ class PolicyError(CongressctlError):
         self.rule = rule
         self.position = position
         self.kind = kind
+
+
+class DatasourceConfigError(CongressctlError):
+    """A datasource definition was refused: unknown driver, bad tables/columns, bad URL or interval."""

@@ -18,6 +18,7 @@ from congressctl.inventory import Inventory, Node
 
 CIB_PATH = "/etc/congressctl/cib.xml"
 OCF_DIR = "/usr/lib/ocf/resource.d/congressctl"
+SBIN_DIR = "/opt/congressctl/sbin"
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,7 @@ def render_cib(inv: Inventory) -> bytes:
         **_context(inv),
         fencing_disabled=inv.pacemaker.fencing == "disabled",
         bus_nodes=bus_nodes,
+        api_nodes=inv.with_role("api-pe"),
         multi_bus=multi_bus,
         bus_resource="bus-clone" if multi_bus else "bus",
         bus_entry="bus-vip" if multi_bus else "bus",
@@ -95,7 +97,7 @@ def render_node(inv: Inventory, node: Node, secrets: Secrets | None = None) -> l
         files.append(RenderedFile("/etc/congressctl/redis.conf",
                                   _TEXT.get_template("redis.conf.j2").render(**ctx, password=password).encode(),
                                   mode=0o600, owner="redis", secret=secrets is not None))
-    files.extend(ocf_agents())
+    files.extend(programs())
     if secrets:
         files.append(RenderedFile("/etc/corosync/authkey", secrets.corosync_authkey, mode=0o400, secret=True))
         files.append(RenderedFile("/etc/congressctl/bus.password", secrets.bus_password.encode(), mode=0o600,
@@ -103,13 +105,15 @@ def render_node(inv: Inventory, node: Node, secrets: Secrets | None = None) -> l
     return files
 
 
-def ocf_agents() -> list[RenderedFile]:
-    """The OCF resource agents shipped in templates/ocf, installed as ocf:congressctl:<name>."""
-    ocf = templates_dir() / "ocf"
-    if not ocf.is_dir():
-        return []
-    return [RenderedFile(f"{OCF_DIR}/{p.name}", p.read_bytes(), mode=0o755)
-            for p in sorted(ocf.iterdir()) if p.is_file() and not p.name.startswith(".")]
+def programs() -> list[RenderedFile]:
+    """Executables shipped as they are: the OCF agents (ocf:congressctl:<name>) and the host's
+    cluster-stack script."""
+    files = []
+    for folder, target in (("ocf", OCF_DIR), ("bin", SBIN_DIR)):
+        source = templates_dir() / folder
+        files += [RenderedFile(f"{target}/{p.name}", p.read_bytes(), mode=0o755)
+                  for p in sorted(source.iterdir()) if p.is_file() and not p.name.startswith(".")]
+    return files
 
 
 def render_all(inv: Inventory, secrets: Secrets | None = None) -> dict[str, list[RenderedFile]]:

@@ -37,6 +37,11 @@ class Placement:
 
     running: dict[str, list[str]] = field(default_factory=dict)
     promoted: dict[str, list[str]] = field(default_factory=dict)
+    stopped: list[str] = field(default_factory=list)     # resource instances not active (id per instance)
+    failed: list[str] = field(default_factory=list)
+    online: list[str] = field(default_factory=list)
+    offline: list[str] = field(default_factory=list)
+    quorum: bool = False
 
     def on(self, resource: str) -> list[str]:
         return self.running.get(resource, [])
@@ -139,9 +144,17 @@ def parse_crm_mon(xml_text: str) -> Placement:
     """Resource placement from `crm_mon --output-as=xml` (real or simulated)."""
     root = ET.fromstring(xml_text)
     placement = Placement()
+    for node in root.iter("node"):
+        if node.get("online") is not None and node.get("type") == "member":
+            (placement.online if node.get("online") == "true" else placement.offline).append(node.get("name"))
+    dc = root.find("summary/current_dc")
+    placement.quorum = dc is not None and dc.get("with_quorum") == "true"
     resources = root.find("resources")
     for res in resources.iter("resource") if resources is not None else []:
+        if res.get("failed") == "true":
+            placement.failed.append(res.get("id"))
         if res.get("active") != "true" or res.get("failed") == "true":
+            placement.stopped.append(res.get("id"))
             continue
         nodes = [n.get("name") for n in res.findall("node")]
         placement.running.setdefault(res.get("id"), []).extend(nodes)
@@ -189,22 +202,36 @@ def check_placements(inv: Inventory, cib: bytes) -> list[CheckResult]:
 
 
 def _expect_all_up(inv: Inventory, up: Placement) -> CheckResult:
-    problems = []
+    problems = placement_problems(inv, up)
     if up.on("dsd") != [inv.dsd_preference[0]]:
-        problems.append(f"DSD on {up.on('dsd')}, expected [{inv.dsd_preference[0]}]")
-    api_nodes = sorted(n.name for n in inv.with_role("api-pe"))
-    if up.on("api-pe") != api_nodes:
-        problems.append(f"api-pe on {up.on('api-pe')}, expected {api_nodes}")
-    if len(up.on("vip")) != 1 or up.on("vip") != up.on("haproxy"):
-        problems.append(f"VIP on {up.on('vip')} and HAProxy on {up.on('haproxy')}: expected one node, together")
-    bus_nodes = inv.with_role("bus")
-    if len(bus_nodes) == 1 and up.on("bus") != [bus_nodes[0].name]:
-        problems.append(f"bus on {up.on('bus')}, expected [{bus_nodes[0].name}]")
-    if len(bus_nodes) > 1 and (len(up.promoted.get("bus", [])) != 1 or up.on("bus-vip") != up.promoted["bus"]):
-        problems.append(f"promoted bus {up.promoted.get('bus')}, bus VIP on {up.on('bus-vip')}")
+        problems.append(f"DSD on {_names(up.on('dsd'))}, expected {inv.dsd_preference[0]} (first preference)")
     detail = "; ".join(problems) or (f"DSD on {_names(up.on('dsd'))}; api-pe on {_names(up.on('api-pe'))}; "
                                      f"VIP+HAProxy on {_names(up.on('vip'))}")
     return CheckResult("crm_simulate", "all nodes up", not problems, detail)
+
+
+def placement_problems(inv: Inventory, placement: Placement) -> list[str]:
+    """What differs from a healthy cluster: every resource where the design puts it. Empty when healthy."""
+    problems = []
+    if placement.offline:
+        problems.append(f"nodes offline: {_names(placement.offline)}")
+    if placement.failed:
+        problems.append(f"failed resources: {_names(sorted(set(placement.failed)))}")
+    if len(placement.on("dsd")) != 1 or placement.on("dsd")[0] not in inv.dsd_preference:
+        problems.append(f"DSD on {_names(placement.on('dsd'))}, expected exactly one of {_names(inv.dsd_preference)}")
+    api_nodes = sorted(n.name for n in inv.with_role("api-pe"))
+    if placement.on("api-pe") != api_nodes:
+        problems.append(f"api-pe on {_names(placement.on('api-pe'))}, expected {_names(api_nodes)}")
+    if len(placement.on("vip")) != 1 or placement.on("vip") != placement.on("haproxy"):
+        problems.append(f"VIP on {_names(placement.on('vip'))} and HAProxy on {_names(placement.on('haproxy'))}: "
+                        "expected one node, together")
+    bus_nodes = sorted(n.name for n in inv.with_role("bus"))
+    if len(bus_nodes) == 1 and placement.on("bus") != bus_nodes:
+        problems.append(f"bus on {_names(placement.on('bus'))}, expected {bus_nodes[0]}")
+    promoted = placement.promoted.get("bus", [])
+    if len(bus_nodes) > 1 and (len(promoted) != 1 or placement.on("bus-vip") != promoted):
+        problems.append(f"bus promoted on {_names(promoted)}, bus VIP on {_names(placement.on('bus-vip'))}")
+    return problems
 
 
 def verify_all(inv: Inventory, rendered: dict[str, list[RenderedFile]], cib: bytes) -> list[CheckResult]:

@@ -1,0 +1,430 @@
+"""Deploy: inventory -> rendered files -> hosts -> a running cluster, over SSH, every host in parallel.
+
+Phases, each collecting every host's outcome (never stopping at the first failure):
+1. install congressctl (a locally built wheelhouse) and push every file atomically; if any host fails, the
+   files this run changed on every host are put back, and nothing is started;
+2. start the cluster stack where it is not running (reload corosync where its config changed);
+3. load the CIB when it changed (or the cluster has none of ours yet), restart what a changed file feeds;
+4. wait until Pacemaker reports every resource where the design puts it.
+A second run with the same inventory changes no file and restarts nothing.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import os
+import secrets as pysecrets
+import shlex
+import subprocess
+import tempfile
+import sys
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import congressctl
+from congressctl import remote, verify
+from congressctl.errors import CongressctlError, DeployError
+from congressctl.inventory import Inventory, Node
+from congressctl.render import CIB_PATH, SBIN_DIR, RenderedFile, Secrets, render_all
+
+VENV = "/opt/congressctl"
+WHEELS = f"{VENV}/wheels"
+STAMP = f"{VENV}/.wheelhouse"
+CLUSTER_SCRIPT = f"{SBIN_DIR}/congressctl-cluster"
+# A changed file -> the Pacemaker resources that read it and must restart to see it.
+RESTART_ON_CHANGE = {
+    "/etc/haproxy/haproxy.cfg": "haproxy",
+    "/etc/congressctl/congress.yaml": ("api-pe-clone", "dsd"),
+}
+
+Progress = Callable[[str, str], None]
+
+
+@dataclass
+class HostReport:
+    host: str
+    ok: bool = True
+    step: str = ""
+    error: str | None = None
+    installed: bool = False
+    changed: list[str] = field(default_factory=list)
+    restarted: list[str] = field(default_factory=list)
+    rolled_back: list[str] = field(default_factory=list)
+    diff: str = ""
+
+
+@dataclass
+class DeployResult:
+    hosts: dict[str, HostReport]
+    cib_loaded: bool = False
+    restarted_resources: list[str] = field(default_factory=list)
+    ready: bool = False
+    problems: list[str] = field(default_factory=list)
+    duration_s: float = 0.0
+    dry_run: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return all(h.ok for h in self.hosts.values()) and (self.dry_run or self.ready)
+
+    @property
+    def changed(self) -> bool:
+        return self.cib_loaded or any(h.changed or h.restarted or h.installed for h in self.hosts.values())
+
+
+@dataclass
+class Wheelhouse:
+    digest: str
+    wheels: list[Path]
+
+
+# ---------------------------------------------------------------------------------------------- secrets
+
+
+def load_or_create_secrets(inv: Inventory, create: bool = True) -> Secrets | None:
+    """The bus password (inventory file/env, else generated once in state_dir) and the corosync authkey.
+    Kept 0600 in state_dir and reused by every later deploy. None when missing and create=False."""
+    state = inv.state_dir
+    authkey_path = state / "corosync.authkey"
+    password = _bus_password(inv, create)
+    if password is None or (not authkey_path.exists() and not create):
+        return None
+    if not authkey_path.exists():
+        _write_secret(authkey_path, pysecrets.token_bytes(256))
+    return Secrets(bus_password=password, corosync_authkey=authkey_path.read_bytes())
+
+
+def _bus_password(inv: Inventory, create: bool) -> str | None:
+    if inv.bus.password_env:
+        value = os.environ.get(inv.bus.password_env)
+        if not value:
+            raise DeployError(f"environment variable {inv.bus.password_env} (bus.password_env) is not set",
+                              file=str(inv.path), field="bus.password_env")
+        return value.strip()
+    path = inv.resolve(inv.bus.password_file) if inv.bus.password_file else inv.state_dir / "bus.password"
+    if path.exists():
+        return path.read_text().strip()
+    if inv.bus.password_file:
+        raise DeployError(f"bus.password_file {path} does not exist", file=str(inv.path), field="bus.password_file")
+    if not create:
+        return None
+    _write_secret(path, pysecrets.token_urlsafe(32).encode())
+    return path.read_text().strip()
+
+
+def _write_secret(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------- wheelhouse
+
+
+def project_root() -> Path:
+    root = Path(congressctl.__file__).resolve().parent.parent
+    if not (root / "setup.py").exists():
+        raise DeployError("deploy builds congressctl from its source tree, and none was found next to "
+                          f"{Path(congressctl.__file__).parent}; run it from a checkout")
+    return root
+
+
+def source_digest(root: Path) -> str:
+    """Content hash of what goes into the wheel, so an unchanged tree reuses its wheelhouse."""
+    h = hashlib.sha256()
+    files = [root / "setup.py"] + sorted((root / "congressctl").rglob("*.py")) + sorted(
+        p for p in (root / "templates").rglob("*") if p.is_file())
+    for path in files:
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def build_wheelhouse(state_dir: Path, timeout: float = 600) -> Wheelhouse:
+    """congressctl's wheel plus every dependency's, built once per source digest (hosts need no index)."""
+    root = project_root()
+    digest = source_digest(root)
+    folder = state_dir / "wheelhouse" / digest
+    if not (folder / ".complete").exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "pip", "wheel", "--quiet", "-w", str(folder),
+             str(root)], capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0:
+            raise DeployError(f"building the wheelhouse failed: {proc.stderr.strip()[-1500:]}", step="wheel")
+        (folder / ".complete").write_text(digest)
+    return Wheelhouse(digest=digest, wheels=sorted(folder.glob("*.whl")))
+
+
+# ---------------------------------------------------------------------------------------------- hosts
+
+
+def host_of(inv: Inventory, node: Node) -> remote.Host:
+    key = str(inv.resolve(node.ssh.key)) if node.ssh.key else None
+    return remote.Host(name=node.name, address=node.address, user=node.ssh.user, port=node.ssh.port, key_file=key)
+
+
+def known_hosts_of(inv: Inventory) -> str | None:
+    path = inv.resolve(inv.ssh.known_hosts)
+    return str(path) if path else None
+
+
+def connect(inv: Inventory, node: Node, accept_new: bool = False) -> remote.Connection:
+    return remote.Connection(host_of(inv, node), known_hosts_of(inv), accept_new=accept_new, connect_timeout=10)
+
+
+class _Steps:
+    """Names the step in progress so a failure says where it happened."""
+
+    def __init__(self, report: HostReport, progress: Progress | None):
+        self.report = report
+        self.progress = progress
+
+    def __call__(self, step: str) -> None:
+        self.report.step = step
+        if self.progress:
+            self.progress(self.report.host, step)
+
+
+# ---------------------------------------------------------------------------------------------- deploy
+
+
+def deploy(inv: Inventory, *, accept_new_host_keys: bool = False, dry_run: bool = False,
+           wait_timeout: float = 240.0, progress: Progress | None = None, max_workers: int = 8) -> DeployResult:
+    started = time.monotonic()
+    if dry_run:
+        return _dry_run(inv, accept_new_host_keys, progress, max_workers, started)
+    secrets = load_or_create_secrets(inv)
+    rendered = render_all(inv, secrets)
+    wheelhouse = build_wheelhouse(inv.state_dir)
+    nodes = {n.name: n for n in inv.nodes}
+    reports = {n.name: HostReport(n.name) for n in inv.nodes}
+
+    def push(host: remote.Host) -> None:
+        _push_host(inv, nodes[host.name], rendered[host.name], wheelhouse, reports[host.name],
+                   accept_new_host_keys, progress)
+
+    hosts = [host_of(inv, n) for n in inv.nodes]
+    _collect(remote.run_on_hosts(hosts, push, max_workers=max_workers, timeout=900), reports)
+    result = DeployResult(hosts=reports)
+    if any(not r.ok for r in reports.values()):
+        _roll_back(inv, reports, progress, max_workers)
+        result.problems.append("some hosts failed; files changed by this run were put back on every host")
+        result.duration_s = time.monotonic() - started
+        return result
+
+    def start(host: remote.Host) -> None:
+        _start_stack(inv, nodes[host.name], reports[host.name], progress)
+
+    _collect(remote.run_on_hosts(hosts, start, max_workers=max_workers, timeout=120), reports)
+    if all(r.ok for r in reports.values()):
+        _configure_cluster(inv, reports, result, wait_timeout, progress)
+    result.duration_s = time.monotonic() - started
+    return result
+
+
+def _collect(group: remote.GroupResult, reports: dict[str, HostReport]) -> None:
+    for name, outcome in group.failed.items():
+        report = reports[name]
+        report.ok = False
+        report.error = outcome.error
+        report.step = outcome.step or report.step
+
+
+def _push_host(inv: Inventory, node: Node, files: list[RenderedFile], wheelhouse: Wheelhouse, report: HostReport,
+               accept_new: bool, progress: Progress | None) -> None:
+    step = _Steps(report, progress)
+    step("connect")
+    with _failing_as(report), connect(inv, node, accept_new) as conn:
+        step("install congressctl")
+        report.installed = _install_package(conn, wheelhouse)
+        step("push files")
+        for f in files:
+            if conn.put_file(f.path, f.content, mode=f.mode, owner=f.owner):
+                report.changed.append(f.path)
+        step("files pushed")
+
+
+class _failing_as:
+    """Turn any failure inside a host's work into a DeployError naming the host and the step."""
+
+    def __init__(self, report: HostReport):
+        self.report = report
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc is None or isinstance(exc, DeployError):
+            return False
+        message = exc.message if isinstance(exc, CongressctlError) else f"{type(exc).__name__}: {exc}"
+        raise DeployError(message, host=self.report.host, step=self.report.step) from exc
+
+
+def _install_package(conn: remote.Connection, wheelhouse: Wheelhouse) -> bool:
+    stamp = (conn.read_file(STAMP) or b"").decode().strip()
+    if stamp == wheelhouse.digest:
+        return False
+    conn.run(f"mkdir -p {WHEELS} && rm -f {WHEELS}/*.whl", timeout=30)
+    for wheel in wheelhouse.wheels:
+        conn.put_file(f"{WHEELS}/{wheel.name}", wheel.read_bytes(), keep_previous=False)
+    main_wheel = next(w.name for w in wheelhouse.wheels if w.name.startswith("congressctl-"))
+    conn.run(f"test -x {VENV}/bin/python || python3 -m venv {VENV}", timeout=120)
+    conn.run(f"{VENV}/bin/pip install --quiet --no-index --find-links {WHEELS} {WHEELS}/{main_wheel} && "
+             f"{VENV}/bin/pip install --quiet --no-index --no-deps --force-reinstall {WHEELS}/{main_wheel}",
+             timeout=300)
+    conn.put_file(STAMP, wheelhouse.digest.encode() + b"\n", keep_previous=False)
+    return True
+
+
+def _roll_back(inv: Inventory, reports: dict[str, HostReport], progress: Progress | None, max_workers: int) -> None:
+    touched = [n for n in inv.nodes if reports[n.name].changed]
+
+    def restore(host: remote.Host) -> None:
+        report = reports[host.name]
+        if progress:
+            progress(host.name, "roll back")
+        with connect(inv, inv.node(host.name)) as conn:
+            for path in report.changed:
+                conn.restore_previous(path)
+                report.rolled_back.append(path)
+
+    group = remote.run_on_hosts([host_of(inv, n) for n in touched], restore, max_workers=max_workers, timeout=120)
+    for name, outcome in group.failed.items():
+        reports[name].error = (reports[name].error or "") + f"; roll back failed: {outcome.error}"
+        reports[name].ok = False
+
+
+def _start_stack(inv: Inventory, node: Node, report: HostReport, progress: Progress | None) -> None:
+    step = _Steps(report, progress)
+    step("start cluster stack")
+    with _failing_as(report), connect(inv, node) as conn:
+        if "/etc/corosync/corosync.conf" in report.changed:
+            out = conn.run(f"{CLUSTER_SCRIPT} reload-corosync", timeout=30).stdout
+            report.restarted += _actions(out)
+        out = conn.run(f"{CLUSTER_SCRIPT} start", timeout=60).stdout
+        report.restarted += _actions(out)
+
+
+def _actions(stdout: str) -> list[str]:
+    return [line.strip() for line in stdout.splitlines() if line.strip()]
+
+
+def _configure_cluster(inv: Inventory, reports: dict[str, HostReport], result: DeployResult, wait_timeout: float,
+                       progress: Progress | None) -> None:
+    """Load the CIB and restart what changed, through one host (the first that answers), then wait."""
+    deadline = time.monotonic() + wait_timeout
+    changed_paths = {p for r in reports.values() for p in r.changed}
+    errors = []
+    for node in inv.nodes:
+        try:
+            with connect(inv, node) as conn:
+                if progress:
+                    progress(node.name, "load CIB")
+                existed = _load_cib(conn, CIB_PATH in changed_paths, result, deadline)
+                if existed:
+                    _restart_changed(conn, changed_paths, result)
+                if progress:
+                    progress(node.name, "wait for resources")
+                _wait_ready(conn, inv, result, deadline)
+                return
+        except (CongressctlError, OSError) as exc:
+            errors.append(f"{node.name}: {exc}")
+    result.problems += errors or ["no host could configure the cluster"]
+
+
+def _load_cib(conn: remote.Connection, changed: bool, result: DeployResult, deadline: float) -> bool:
+    """Replace the CIB's configuration when it changed or is not ours yet; True when ours was already there."""
+    while True:
+        current = conn.run("cibadmin --query --scope resources", timeout=20, check=False)
+        if current.exit_code == 0:
+            break
+        if time.monotonic() > deadline:
+            raise DeployError(f"the CIB did not come up: {current.stderr.strip()[-300:]}", host=conn.host.name,
+                              step="load CIB")
+        time.sleep(1)
+    existed = 'id="api-pe-clone"' in current.stdout
+    if existed and not changed:
+        return True
+    cib = conn.read_file(CIB_PATH)
+    configuration = ET.tostring(ET.fromstring(cib).find("configuration"), encoding="unicode")
+    conn.run("cibadmin --replace --scope configuration --xml-pipe", timeout=60, input=configuration)
+    result.cib_loaded = True
+    return existed
+
+
+def _restart_changed(conn: remote.Connection, changed_paths: set[str], result: DeployResult) -> None:
+    for path, resources in RESTART_ON_CHANGE.items():
+        if path not in changed_paths:
+            continue
+        for resource in (resources,) if isinstance(resources, str) else resources:
+            proc = conn.run(f"crm_resource --resource {shlex.quote(resource)} --restart --timeout=60s",
+                            timeout=90, check=False)
+            if proc.exit_code == 0:
+                result.restarted_resources.append(resource)
+
+
+def cluster_placement(conn: remote.Connection) -> verify.Placement | None:
+    proc = conn.run("crm_mon -1 --output-as=xml", timeout=20, check=False)
+    if proc.exit_code != 0 or not proc.stdout.strip():
+        return None
+    return verify.parse_crm_mon(proc.stdout)
+
+
+def _wait_ready(conn: remote.Connection, inv: Inventory, result: DeployResult, deadline: float) -> None:
+    problems = ["crm_mon did not answer"]
+    while time.monotonic() < deadline:
+        placement = cluster_placement(conn)
+        problems = verify.placement_problems(inv, placement) if placement else ["crm_mon did not answer"]
+        if not problems:
+            result.ready = True
+            result.problems = []
+            return
+        time.sleep(1)
+    result.problems = problems
+
+
+# ---------------------------------------------------------------------------------------------- dry run
+
+
+def _dry_run(inv: Inventory, accept_new: bool, progress: Progress | None, max_workers: int,
+             started: float) -> DeployResult:
+    secrets = load_or_create_secrets(inv, create=False)
+    rendered = render_all(inv, secrets)
+    reports = {n.name: HostReport(n.name) for n in inv.nodes}
+
+    def diff(host: remote.Host) -> None:
+        report = reports[host.name]
+        _Steps(report, progress)("diff")
+        with _failing_as(report), connect(inv, inv.node(host.name), accept_new) as conn:
+            chunks = []
+            for f in rendered[host.name]:
+                current = conn.read_file(f.path)
+                if current == f.content:
+                    continue
+                report.changed.append(f.path)
+                chunks.append(_file_diff(f, current))
+            report.diff = "".join(chunks)
+
+    _collect(remote.run_on_hosts([host_of(inv, n) for n in inv.nodes], diff, max_workers=max_workers, timeout=120),
+             reports)
+    return DeployResult(hosts=reports, dry_run=True, duration_s=time.monotonic() - started)
+
+
+def _file_diff(f: RenderedFile, current: bytes | None) -> str:
+    if f.secret or b"\0" in f.content:
+        what = "would be created" if current is None else "would change"
+        return f"--- {f.path}\n+++ {f.path}\n@@ secret or binary file {what}; content not shown @@\n"
+    old = [] if current is None else current.decode(errors="replace").splitlines(keepends=True)
+    new = f.content.decode().splitlines(keepends=True)
+    return "".join(difflib.unified_diff(old, new, fromfile=f"{f.path} (on host)", tofile=f"{f.path} (rendered)"))
