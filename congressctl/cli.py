@@ -152,5 +152,180 @@ def serve(role: str, config_path: str) -> None:
     sys.exit(node.serve(role, config_path))
 
 
+class HostProgress:
+    """One rich progress task per host on stderr; the library reports (host, step) from its threads."""
+
+    def __init__(self, hosts: list[str]):
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(SpinnerColumn(), TextColumn("[bold]{task.fields[host]:<10}"),
+                                 TextColumn("{task.description}"), TimeElapsedColumn(), console=err, transient=False)
+        self.tasks = {h: self.progress.add_task("waiting", host=h, total=None) for h in hosts}
+
+    def __call__(self, host: str, step: str) -> None:
+        self.progress.update(self.tasks[host], description=step)
+
+    def __enter__(self) -> "HostProgress":
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(*exc)
+
+
+@main.command(name="deploy")
+@inventory_option
+@click.option("--dry-run", is_flag=True, help="Show a unified diff per host of what would change; touch nothing.")
+@click.option("--accept-new-host-keys", is_flag=True,
+              help="Like OpenSSH's accept-new: record unknown host keys; changed keys are still refused.")
+@click.option("--timeout", "wait_timeout", type=float, default=240, show_default=True,
+              help="Seconds to wait for Pacemaker to start every resource.")
+@output_option
+def deploy_cmd(inventory_path: Path, dry_run: bool, accept_new_host_keys: bool, wait_timeout: float,
+               output: str) -> None:
+    """Install congressctl, push every rendered file and start the cluster on every host, over SSH.
+
+    Idempotent: a second run with the same inventory changes no file and restarts nothing. A host that
+    fails is reported with its step; files this run changed are put back on every host; exit status 1.
+
+    \b
+    Example:
+        congressctl deploy -i lab/inventory.yaml
+        congressctl deploy -i lab/inventory.yaml --dry-run
+        congressctl deploy -i inventory.yaml --accept-new-host-keys --output json
+    """
+    from dataclasses import asdict
+
+    from congressctl import deploy, inventory
+
+    inv = inventory.load_inventory(inventory_path)
+    warn_all(inv.warnings)
+    with HostProgress([n.name for n in inv.nodes]) as progress:
+        result = deploy.deploy(inv, accept_new_host_keys=accept_new_host_keys, dry_run=dry_run,
+                               wait_timeout=wait_timeout, progress=progress)
+    if output == "json":
+        click.echo(json.dumps({**asdict(result), "ok": result.ok, "changed": result.changed}, indent=2, default=str))
+    elif dry_run:
+        for report in result.hosts.values():
+            out.rule(f"{report.host}: {len(report.changed)} file(s) would change" if report.ok
+                     else f"{report.host}: FAILED at {report.step}")
+            if report.diff:
+                click.echo(report.diff, nl=False)
+    else:
+        emit([{"host": r.host, "ok": r.ok, "step": r.step, "installed": r.installed, "changed": len(r.changed),
+               "restarted": r.restarted, "error": r.error} for r in result.hosts.values()], output,
+             title=f"deploy ({result.duration_s:.1f}s)")
+    _deploy_summary(result)
+    if not result.ok:
+        sys.exit(1)
+
+
+def _deploy_summary(result) -> None:
+    for problem in result.problems:
+        err.print(f"[red]problem:[/] {problem}", highlight=False)
+    if result.dry_run:
+        return
+    if result.ok and not result.changed:
+        err.print("[green]no change[/]: every file was already up to date; nothing restarted")
+    elif result.ok:
+        loaded = "CIB loaded; " if result.cib_loaded else ""
+        err.print(f"[green]deployed[/]: {loaded}every resource is running where it should")
+
+
+@main.group()
+def lab() -> None:
+    """Real hosts on this machine: network + mount namespaces on a bridge, each running its own sshd.
+
+    \b
+    Example:
+        congressctl lab up --nodes 3
+        congressctl deploy -i lab/inventory.yaml
+        congressctl lab exec n1 -- crm_mon -1
+        congressctl lab down
+    """
+
+
+name_option = click.option("--name", default="lab", show_default=True, help="The lab's name.")
+dir_option = click.option("--dir", "lab_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                          help="Folder for the lab's inventory, keys and state [default: ./NAME].")
+
+
+@lab.command(name="up")
+@click.option("--nodes", type=click.IntRange(2, 12), default=3, show_default=True, help="How many hosts (2-12).")
+@name_option
+@dir_option
+@output_option
+def lab_up(nodes: int, name: str, lab_dir: Path | None, output: str) -> None:
+    """Make NODES hosts and write NAME/inventory.yaml, an SSH key and known_hosts for them.
+
+    Leftovers of a crashed lab with the same name are cleaned first. Nothing of the cluster is started:
+    `congressctl deploy` does that over SSH, as on real machines.
+
+    \b
+    Example:
+        congressctl lab up --nodes 3 --name lab
+    """
+    from congressctl import lab as labmod
+
+    with err.status(f"making {nodes} hosts ..."):
+        made = labmod.lab_up(nodes=nodes, name=name, dir=lab_dir)
+    emit([{"host": h.name, "address": h.address, "netns": h.netns, "pid": h.pid} for h in made.hosts], output,
+         title=f"lab {made.name}: inventory {made.inventory}")
+    err.print(f"next: congressctl deploy -i {made.inventory}")
+
+
+@lab.command(name="down")
+@name_option
+@dir_option
+def lab_down(name: str, lab_dir: Path | None) -> None:
+    """Stop every process of the lab and remove its namespaces, bridge, mounts and state.
+
+    \b
+    Example:
+        congressctl lab down --name lab
+    """
+    from congressctl import lab as labmod
+
+    removed = labmod.lab_down(name=name, dir=lab_dir)
+    err.print(f"lab {name} removed ({len(removed)} items)" if removed else f"no lab named {name} was found")
+
+
+@lab.command(name="status")
+@name_option
+@dir_option
+@output_option
+def lab_status(name: str, lab_dir: Path | None, output: str) -> None:
+    """One row per lab host: address, holder pid, alive and reachable.
+
+    \b
+    Example:
+        congressctl lab status --output json
+    """
+    from congressctl import lab as labmod
+
+    rows = labmod.lab_status(name=name, dir=lab_dir)
+    emit(rows, output, title=f"lab {name}")
+
+
+@lab.command(name="exec", context_settings={"ignore_unknown_options": True})
+@click.argument("node")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@name_option
+@dir_option
+def lab_exec(node: str, command: tuple[str, ...], name: str, lab_dir: Path | None) -> None:
+    """Run COMMAND inside lab host NODE (its network, mount, hostname and process namespaces).
+
+    \b
+    Example:
+        congressctl lab exec n1 -- crm_mon -1 --output-as=xml
+    """
+    from congressctl import lab as labmod
+
+    proc = labmod.lab_exec(labmod.lab_load(name=name, dir=lab_dir), node, list(command), timeout=None)
+    sys.stdout.write(proc.stdout.decode(errors="replace") if isinstance(proc.stdout, bytes) else proc.stdout or "")
+    sys.stderr.write(proc.stderr.decode(errors="replace") if isinstance(proc.stderr, bytes) else proc.stderr or "")
+    sys.exit(proc.returncode)
+
+
 if __name__ == "__main__":
     main()

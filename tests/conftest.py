@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-pytest_plugins = ["fixtures_redis", "fixtures_sshd", "fixtures_lab"]
+pytest_plugins = ["fixtures_redis", "fixtures_sshd", "fixtures_lab", "fixtures_cluster"]
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
