@@ -7,7 +7,8 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 BIN := $(VENV)/bin
 DEB_PACKAGES := redis-server haproxy pacemaker pacemaker-cli-utils corosync resource-agents \
-	openssh-server openssh-client iproute2 procps psmisc nftables util-linux python3-venv
+	openssh-server openssh-client iproute2 procps psmisc nftables util-linux python3-venv \
+	curl socat
 PYTEST_ARGS ?=
 
 .PHONY: install debs venv test test-fast demo bench render-demo clean lab-down

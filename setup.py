@@ -18,6 +18,9 @@ setup(
         "starlette>=0.37",
         "uvicorn>=0.29",
         "httpx>=0.27",
+        "uvloop>=0.19",
+        "httptools>=0.6",
+        "hiredis>=2.0",
     ],
     extras_require={
         "test": ["pytest>=8.0", "hypothesis>=6.100", "pytest-timeout>=2.3"],

@@ -134,3 +134,7 @@ class PolicyError(CongressctlError):
 
 class DatasourceConfigError(CongressctlError):
     """A datasource definition was refused: unknown driver, bad tables/columns, bad URL or interval."""
+
+
+class ActionDeliveryError(CongressctlError):
+    """An action could not be delivered to its datasource's action URL (connect, timeout or HTTP error)."""

@@ -60,6 +60,12 @@ _TEXT = _environment(autoescape=False)
 _XML = _environment(autoescape=True)
 
 
+def render_template(name: str, **context) -> str:
+    """Render one template of templates/; XML and HTML templates are autoescaped."""
+    env = _XML if name.endswith((".xml.j2", ".html.j2")) else _TEXT
+    return env.get_template(name).render(**context)
+
+
 def _context(inv: Inventory) -> dict:
     return {"inv": inv, "inventory_name": inv.path.name}
 
@@ -70,7 +76,7 @@ def render_cib(inv: Inventory) -> bytes:
     multi_bus = len(bus_nodes) > 1
     count = len(inv.dsd_preference)
     dsd_scores = {name: 10 * (count - i) for i, name in enumerate(inv.dsd_preference)}
-    return _XML.get_template("cib.xml.j2").render(
+    return render_template("cib.xml.j2",
         **_context(inv),
         fencing_disabled=inv.pacemaker.fencing == "disabled",
         bus_nodes=bus_nodes,
@@ -86,16 +92,16 @@ def render_node(inv: Inventory, node: Node, secrets: Secrets | None = None) -> l
     """Every file one node needs. Secret files are included only when secrets are given (deploy)."""
     ctx = {**_context(inv), "node": node}
     files = [
-        RenderedFile("/etc/corosync/corosync.conf", _TEXT.get_template("corosync.conf.j2").render(**ctx).encode()),
-        RenderedFile("/etc/haproxy/haproxy.cfg", _TEXT.get_template("haproxy.cfg.j2").render(
+        RenderedFile("/etc/corosync/corosync.conf", render_template("corosync.conf.j2", **ctx).encode()),
+        RenderedFile("/etc/haproxy/haproxy.cfg", render_template("haproxy.cfg.j2",
             **ctx, api_nodes=inv.with_role("api-pe")).encode()),
-        RenderedFile("/etc/congressctl/congress.yaml", _TEXT.get_template("congress.yaml.j2").render(**ctx).encode()),
+        RenderedFile("/etc/congressctl/congress.yaml", render_template("congress.yaml.j2", **ctx).encode()),
         RenderedFile(CIB_PATH, render_cib(inv)),
     ]
     if node.has("bus"):
         password = secrets.bus_password if secrets else None
         files.append(RenderedFile("/etc/congressctl/redis.conf",
-                                  _TEXT.get_template("redis.conf.j2").render(**ctx, password=password).encode(),
+                                  render_template("redis.conf.j2", **ctx, password=password).encode(),
                                   mode=0o600, owner="redis", secret=secrets is not None))
     files.extend(programs())
     if secrets:

@@ -1,1 +1,297 @@
-"""Fixtures: redis (filled in by its owner)."""
+"""Fixtures: a real redis-server (requirepass, appendonly) on a free port, and real congress node processes.
+
+`redis_server` yields a RedisServer that can be stopped and started again on the same port and data dir
+(persistence through the append-only file). `node_cluster` starts `congressctl serve api-pe|dsd` processes
+against it, each with its own config file, and stops them at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import redis
+import yaml
+
+from conftest import free_port, require
+
+REPO = Path(__file__).resolve().parent.parent
+START_WAIT_S = 10.0
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
+    """Poll `predicate` until it returns a truthy value (returned) or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last_exc = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as exc:  # noqa: BLE001 - keep polling; reported on timeout
+            last_exc = exc
+        time.sleep(interval)
+    detail = f" (last error: {last_exc})" if last_exc else ""
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}{detail}")
+
+
+@dataclass
+class RedisServer:
+    dir: Path
+    port: int
+    password: str
+    host: str = "127.0.0.1"
+    proc: subprocess.Popen | None = None
+
+    @property
+    def password_file(self) -> Path:
+        return self.dir / "bus.password"
+
+    def write_conf(self) -> Path:
+        conf = self.dir / "redis.conf"
+        conf.write_text("\n".join([
+            f"bind {self.host}", f"port {self.port}", f"dir {self.dir}", "appendonly yes",
+            "appendfsync everysec", "save ''", f"requirepass {self.password}", "protected-mode yes",
+            "daemonize no", f"logfile {self.dir / 'redis.log'}",
+            "client-output-buffer-limit pubsub 256mb 64mb 60", ""]))
+        conf.chmod(0o600)
+        return conf
+
+    def start(self) -> None:
+        conf = self.write_conf()
+        self.proc = subprocess.Popen(["redis-server", str(conf)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        wait_for(lambda: self.client().ping(), START_WAIT_S, what=f"redis on port {self.port}")
+
+    def stop(self) -> None:
+        """Shut down cleanly (the append-only file is flushed)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(host=self.host, port=self.port, password=self.password, socket_timeout=5,
+                           socket_connect_timeout=2, decode_responses=True)
+
+
+@pytest.fixture
+def redis_server(tmp_path_factory):
+    require(shutil.which("redis-server") is not None, "redis-server is not installed (make install)")
+    d = tmp_path_factory.mktemp("redis")
+    server = RedisServer(dir=d, port=free_port(), password=secrets.token_hex(16))
+    server.password_file.write_text(server.password + "\n")
+    server.password_file.chmod(0o600)
+    server.start()
+    yield server
+    server.stop()
+
+
+def congressctl_command() -> list[str]:
+    exe = REPO / ".venv" / "bin" / "congressctl"
+    if exe.exists():
+        return [str(exe), "serve"]
+    return [sys.executable, "-m", "congressctl.node", "serve"]
+
+
+@dataclass
+class NodeProcess:
+    role: str
+    node_id: str
+    config: Path
+    log: Path
+    api_port: int | None = None
+    proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        out = open(self.log, "ab")
+        self.proc = subprocess.Popen([*congressctl_command(), self.role, "--config", str(self.config)],
+                                     stdout=out, stderr=subprocess.STDOUT, cwd=str(REPO))
+        out.close()
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 5.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        return self.proc.returncode
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    def get(self, path: str, timeout: float = 5.0):
+        """(status, JSON body) of a GET on this node's API."""
+        return http_json("GET", self.url + path, timeout=timeout)
+
+    def request(self, method: str, path: str, body=None, timeout: float = 5.0):
+        return http_json(method, self.url + path, body, timeout=timeout)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+def http_json(method: str, url: str, body=None, timeout: float = 5.0):
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            raw = resp.read()
+            return resp.status, json.loads(raw) if raw else None
+    except urllib.error.HTTPError as exc:
+        raw = exc.read()
+        try:
+            return exc.code, json.loads(raw) if raw else None
+        except ValueError:
+            return exc.code, raw.decode(errors="replace")
+
+
+@dataclass
+class NodeCluster:
+    redis: RedisServer
+    dir: Path
+    cluster: str = "t"
+    heartbeat_ms: int = 100
+    peer_timeout_ms: int = 500
+    full_sync_s: float = 5.0
+    nodes: list[NodeProcess] = field(default_factory=list)
+
+    def write_config(self, node_id: str, role: str, api_port: int | None, extra: dict | None = None) -> Path:
+        doc = {"cluster": self.cluster, "node_id": node_id, "roles": [role],
+               "api": {"bind": "127.0.0.1", "port": api_port or 1},
+               "bus": {"host": "127.0.0.1", "port": self.redis.port, "password_file": str(self.redis.password_file),
+                       "tls": False},
+               "timings": {"heartbeat_interval_ms": self.heartbeat_ms, "peer_timeout_ms": self.peer_timeout_ms,
+                           "full_sync_interval_s": self.full_sync_s},
+               "paths": {"log_dir": str(self.dir / "logs" / node_id), "state_dir": str(self.dir / "state")}}
+        if extra:
+            doc.update(extra)
+        path = self.dir / f"{node_id}-{role}.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        return path
+
+    def add(self, role: str, node_id: str, extra: dict | None = None, start: bool = True) -> NodeProcess:
+        port = free_port() if role == "api-pe" else None
+        config = self.write_config(node_id, role, port, extra)
+        node = NodeProcess(role=role, node_id=node_id, config=config, api_port=port,
+                           log=self.dir / "logs" / f"{node_id}-{role}.out")
+        self.nodes.append(node)
+        if start:
+            node.start()
+            if role == "api-pe":
+                self.wait_healthy(node)
+        return node
+
+    def wait_healthy(self, node: NodeProcess, timeout: float = 15.0) -> None:
+        def healthy():
+            if not node.alive():
+                raise AssertionError(f"{node.node_id} exited:\n{node.log_text()[-3000:]}")
+            return node.get("/healthz", timeout=1)[0] == 200
+        wait_for(healthy, timeout, what=f"{node.node_id} healthy")
+
+    def stop_all(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+@pytest.fixture
+def node_cluster(redis_server, tmp_path):
+    cluster = NodeCluster(redis=redis_server, dir=tmp_path)
+    yield cluster
+    cluster.stop_all()
+
+
+class Sink:
+    """A tiny real HTTP server that records every action POSTed to it (counted by action id)."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        self.received: list[dict] = []
+        self.times: list[float] = []
+        self.lock = threading.Lock()
+        sink = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server API
+                length = int(self.headers.get("Content-Length", 0))
+                body = json.loads(self.rfile.read(length))
+                with sink.lock:
+                    sink.received.append(body)
+                    sink.times.append(time.monotonic())
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        class Server(http.server.ThreadingHTTPServer):
+            request_queue_size = 256
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/actions"
+
+    def ids(self) -> list[str]:
+        with self.lock:
+            return [b["action_id"] for b in self.received]
+
+    def args(self) -> list[tuple]:
+        with self.lock:
+            return [tuple(b["args"]) for b in self.received]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def sink():
+    s = Sink()
+    yield s
+    s.close()
+
+
+__all__ = ["RedisServer", "NodeCluster", "NodeProcess", "Sink", "wait_for", "http_json"]
+

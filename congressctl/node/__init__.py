@@ -1,0 +1,37 @@
+"""The running nodes: `congressctl serve api-pe` (REST API + policy engine) and `congressctl serve dsd`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import uvloop
+
+from congressctl.errors import NodeConfigError
+from congressctl.node.config import NodeConfig, load_node_config
+
+ROLES = ("api-pe", "dsd")
+
+log = logging.getLogger("congressctl.node")
+
+
+def serve(role: str, config_path: str) -> int:
+    """Run one node process until SIGTERM; returns the process exit code (blocking)."""
+    if role not in ROLES:
+        raise NodeConfigError(f"unknown role {role!r}; use one of {', '.join(ROLES)}", field="role")
+    cfg = load_node_config(config_path)
+    from congressctl.node.runtime import setup_logging
+    setup_logging(cfg.node_id, role, cfg.paths.log_dir)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(_run(role, cfg))
+
+
+async def _run(role: str, cfg: NodeConfig) -> int:
+    if role == "dsd":
+        from congressctl.node.dsd import DsdNode
+        return await DsdNode(cfg).run()
+    from congressctl.node.api_pe import ApiPeNode
+    return await ApiPeNode(cfg).run()
+
+
+__all__ = ["serve", "load_node_config", "NodeConfig", "ROLES"]

@@ -1,0 +1,252 @@
+"""Benchmark of the running nodes: a real redis-server, one dsd and two api-pe processes, a local HTTP sink.
+
+rows_per_s: row changes pushed in batches, published by the DSD and applied by BOTH PEs (the slower PE's
+  applied count over the wall time until both hold the final (epoch, seq)).
+action_latency_p50_ms / p99_ms: a change pushed through the API (PUT) at ~1000 changes/s -> the action
+  it triggers received by the sink.
+Prints one JSON object as its last line. Goals: rows_per_s >= 50k; action_latency_p99_ms <= 20.
+Everything runs on 127.0.0.1 and stops by itself.
+"""
+
+from __future__ import annotations
+
+import http.client
+import http.server
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+from pathlib import Path
+
+import httpx
+import redis
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+BATCH = int(os.environ.get("BENCH_BUS_BATCH", 5000))
+BATCHES = int(os.environ.get("BENCH_BUS_BATCHES", 20))
+LATENCY_CHANGES = int(os.environ.get("BENCH_BUS_CHANGES", 3000))
+RATE = float(os.environ.get("BENCH_BUS_RATE", 1000))
+# Each latency push replaces the table with a sliding window of rows ending at the new one: the DSD reads the
+# latest pushed rows, so when it is behind it may merge pushes; the window keeps every row visible long enough.
+WINDOW = 10
+# The same measure at a lower rate, to tell queueing (CPU saturation of the 2-core box) from path latency.
+LOW_RATE = float(os.environ.get("BENCH_BUS_LOW_RATE", 400))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception:  # noqa: BLE001 - keep polling until the deadline
+            pass
+        time.sleep(0.02)
+    raise SystemExit(f"bench: timed out waiting for {what}")
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.received: dict[int, float] = {}
+        sink = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):  # noqa: N802 - http.server API
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                sink.received.setdefault(body["args"][0], time.monotonic())
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        class Server(http.server.ThreadingHTTPServer):
+            request_queue_size = 256
+            daemon_threads = True
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/actions"
+
+
+class Cluster:
+    def __init__(self, root: Path):
+        self.root = root
+        self.password = secrets.token_hex(16)
+        self.redis_port = free_port()
+        self.procs: list[subprocess.Popen] = []
+        self.named: dict[str, subprocess.Popen] = {}
+        pw = root / "bus.password"
+        pw.write_text(self.password)
+        pw.chmod(0o600)
+        conf = root / "redis.conf"
+        conf.write_text(f"bind 127.0.0.1\nport {self.redis_port}\ndir {root}\nsave ''\nappendonly no\n"
+                        f"requirepass {self.password}\nclient-output-buffer-limit pubsub 512mb 128mb 60\n")
+        self.procs.append(subprocess.Popen(["redis-server", str(conf)], stdout=subprocess.DEVNULL))
+        self.named["redis"] = self.procs[-1]
+        r = redis.Redis(port=self.redis_port, password=self.password, socket_timeout=2)
+        wait_for(r.ping, 10, "redis")
+        self.apis: list[str] = []
+        self.cpu_ms_per_change: dict[str, float] = {}
+
+    def node(self, role: str, node_id: str) -> str | None:
+        port = free_port()
+        doc = {"cluster": "bench", "node_id": node_id, "roles": [role],
+               "api": {"bind": "127.0.0.1", "port": port},
+               "bus": {"host": "127.0.0.1", "port": self.redis_port, "password_file": str(self.root / "bus.password")},
+               "timings": {"heartbeat_interval_ms": 100, "peer_timeout_ms": 500, "full_sync_interval_s": 30},
+               "paths": {"log_dir": str(self.root / "logs" / node_id), "state_dir": str(self.root)}}
+        cfg = self.root / f"{node_id}.yaml"
+        cfg.write_text(yaml.safe_dump(doc))
+        exe = REPO / ".venv" / "bin" / "congressctl"
+        cmd = [str(exe), "serve"] if exe.exists() else [sys.executable, "-m", "congressctl.node", "serve"]
+        log = open(self.root / f"{node_id}.out", "wb")
+        self.procs.append(subprocess.Popen([*cmd, role, "--config", str(cfg)], stdout=log, stderr=subprocess.STDOUT))
+        self.named[node_id] = self.procs[-1]
+        if role != "api-pe":
+            return None
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: httpx.get(url + "/healthz", timeout=1).status_code == 200, 20, f"{node_id} healthy")
+        self.apis.append(url)
+        return url
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """utime + stime of each process (and of this one, "bench"), in seconds."""
+    out = {}
+    for name, pid in {**pids, "bench": os.getpid()}.items():
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        out[name] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+def table_of(api: str, name: str) -> dict:
+    tables = httpx.get(api + "/v1/status", timeout=5).json()["tables"]
+    return next(t for t in tables if t["table"] == name)
+
+
+def bench_rows(cluster: Cluster, client: httpx.Client) -> float:
+    a, b = cluster.apis
+    client.post(a + "/v1/data-sources", json={"name": "bulk", "driver": "push",
+                                              "config": {"tables": {"rows": ["id", "v"]}}}).raise_for_status()
+    wait_for(lambda: all(table_of(api, "bulk:rows")["seq"] >= 1 for api in (a, b)), 10, "bulk table")
+    before = [table_of(api, "bulk:rows")["rows_applied"] for api in (a, b)]
+    bodies = [json.dumps([[i * BATCH + j, f"v{j}"] for j in range(BATCH)]) for i in range(BATCHES)]
+    started = time.monotonic()
+    for body in bodies:
+        client.put(a + "/v1/data-sources/bulk/tables/rows/rows", content=body,
+                   headers={"Content-Type": "application/json"}).raise_for_status()
+    final = set(range((BATCHES - 1) * BATCH, BATCHES * BATCH))
+
+    def done():
+        seqs = [(table_of(api, "bulk:rows")) for api in (a, b)]
+        return all(t["dsd_seq"] == t["seq"] and t["lag"] == 0 for t in seqs) and seqs
+    wait_for(lambda: done() and len(final) == BATCH, 120, "PEs to apply every batch")
+    while True:
+        rows = client.get(b + "/v1/data-sources/bulk/tables/rows/rows").json()["results"]
+        if {r["data"][0] for r in rows} == final:
+            break
+        time.sleep(0.02)
+    elapsed = time.monotonic() - started
+    applied = [table_of(api, "bulk:rows")["rows_applied"] - n for api, n in zip((a, b), before)]
+    return min(applied) / elapsed
+
+
+def bench_latency(cluster: Cluster, client: httpx.Client, sink: Sink, rate: float,
+                  name: str) -> tuple[float, float, float]:
+    a, b = cluster.apis
+    sink.received.clear()
+    client.post(a + "/v1/data-sources", json={"name": name, "driver": "push", "config": {
+        "tables": {"ev": ["id"]}, "action_url": sink.url}}).raise_for_status()
+    client.post(a + "/v1/policies", json={"name": f"{name}p"}).raise_for_status()
+    client.post(a + f"/v1/policies/{name}p/rules",
+                json={"rule": f"execute[{name}:hit(x)] :- {name}:ev(id=x)"}).raise_for_status()
+    wait_for(lambda: client.get(b + f"/v1/policies/{name}p/rules").json()["results"], 10, "rule on the second PE")
+    time.sleep(0.5)
+    sent: dict[int, float] = {}
+    api = urllib.parse.urlsplit(a)
+    conn = http.client.HTTPConnection(api.hostname, api.port, timeout=10)   # keep-alive, cheaper than httpx
+    headers = {"Content-Type": "application/json"}
+    pids = {name: p.pid for name, p in cluster.named.items()}
+    cpu_before = cpu_seconds(pids)
+    start = time.monotonic()
+    for k in range(LATENCY_CHANGES):
+        due = start + k / rate
+        pause = due - time.monotonic()
+        if pause > 0:
+            time.sleep(pause)
+        sent[k] = time.monotonic()
+        conn.request("PUT", f"/v1/data-sources/{name}/tables/ev/rows",
+                     json.dumps([[i] for i in range(max(0, k - WINDOW), k + 1)]), headers)
+        conn.getresponse().read()
+    conn.close()
+    rate = LATENCY_CHANGES / (time.monotonic() - start)
+    wait_for(lambda: len(sink.received) >= LATENCY_CHANGES, 30, "every action at the sink")
+    cpu_after = cpu_seconds(pids)
+    cluster.cpu_ms_per_change = {k: round((cpu_after[k] - cpu_before[k]) * 1000 / LATENCY_CHANGES, 3)
+                                 for k in cpu_after}
+    lat = sorted((sink.received[k] - sent[k]) * 1000 for k in range(LATENCY_CHANGES))
+    return statistics.median(lat), lat[int(0.99 * (len(lat) - 1))], rate
+
+
+def main() -> int:
+    if shutil.which("redis-server") is None:
+        raise SystemExit("bench: redis-server is not installed")
+    root = Path(tempfile.mkdtemp(prefix="congress-bench-"))
+    cluster = Cluster(root)
+    sink = Sink()
+    try:
+        cluster.node("dsd", "d1")
+        cluster.node("api-pe", "n1")
+        cluster.node("api-pe", "n2")
+        with httpx.Client(timeout=30) as client:
+            rows_per_s = bench_rows(cluster, client)
+            p50, p99, rate = bench_latency(cluster, client, sink, RATE, "lat")
+            cpu = cluster.cpu_ms_per_change
+            low = bench_latency(cluster, client, sink, LOW_RATE, "low")
+    finally:
+        cluster.stop()
+        sink.server.shutdown()
+        shutil.rmtree(root, ignore_errors=True)
+    print(json.dumps({"rows_per_s": round(rows_per_s), "action_latency_p50_ms": round(p50, 2),
+                      "action_latency_p99_ms": round(p99, 2), "changes_per_s_sent": round(rate),
+                      "batch_rows": BATCH, "batches": BATCHES, "latency_changes": LATENCY_CHANGES,
+                      "cpu_ms_per_change": cpu,
+                      f"action_latency_p50_ms_at_{LOW_RATE:g}_per_s": round(low[0], 2),
+                      f"action_latency_p99_ms_at_{LOW_RATE:g}_per_s": round(low[1], 2),
+                      "goal_rows_per_s": 50000, "goal_p99_ms": 20}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

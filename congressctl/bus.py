@@ -1,0 +1,236 @@
+"""The Redis control bus: connection, channels, heartbeats, peers, reconnection with backoff.
+
+Pub/sub is at-most-once: a subscriber that is disconnected or slow loses messages. The Bus therefore calls
+`on_connect` after every (re)subscription so its owner resyncs from the store, and reconnects by itself
+(exponential backoff) when Redis goes away. Heartbeats double as a liveness check of our own subscription:
+when not even our own heartbeat comes back for a while, the connection is dropped and remade.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import ssl as ssl_mod
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+
+from congressctl.errors import BusError, CongressctlError
+
+log = logging.getLogger("congressctl.bus")
+
+BUS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+COMMAND_TIMEOUT_S = 3.0
+CONNECT_TIMEOUT_S = 2.0
+
+
+def new_incarnation() -> str:
+    """A fresh id for this process start (sortable by start time, unique across hosts)."""
+    return f"{int(time.time() * 1000):x}-{uuid.uuid4().hex[:8]}"
+
+
+class Channels:
+    """Names of every pub/sub channel and store key of one cluster, in one place."""
+
+    def __init__(self, cluster: str):
+        self.prefix = f"congress:{cluster}:"
+        p = self.prefix
+        self.heartbeat = p + "hb"
+        self.notice = p + "notice"
+        self.diff = p + "diff"
+        self.action = p + "act"
+        self.push = p + "push"
+
+    def key(self, *parts: str) -> str:
+        return self.prefix + ":".join(parts)
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+def make_redis(host: str, port: int, password: str, tls: bool = False, tls_ca_file: str | None = None,
+               timeout: float = COMMAND_TIMEOUT_S) -> aioredis.Redis:
+    """An asyncio Redis client with AUTH, timeouts on connect and commands, and one quick retry."""
+    kwargs: dict[str, Any] = {}
+    if tls:
+        kwargs["ssl"] = True
+        kwargs["ssl_cert_reqs"] = ssl_mod.CERT_REQUIRED if tls_ca_file else ssl_mod.CERT_NONE
+        if tls_ca_file:
+            kwargs["ssl_ca_certs"] = tls_ca_file
+    return aioredis.Redis(host=host, port=port, password=password, socket_timeout=timeout,
+                          socket_connect_timeout=CONNECT_TIMEOUT_S, retry=Retry(NoBackoff(), 1),
+                          decode_responses=True, **kwargs)
+
+
+@dataclass
+class Peer:
+    node: str
+    role: str
+    incarnation: str
+    first_seen: float
+    last_seen: float
+    payload: dict = field(default_factory=dict)
+
+    def age(self, now: float | None = None) -> float:
+        return (now if now is not None else time.monotonic()) - self.last_seen
+
+
+MessageHandler = Callable[[str, dict], Awaitable[None]]
+
+
+class Bus:
+    """One node's connection to the control bus.
+
+    `run()` is the long-lived reader: it subscribes, calls `on_connect()` (the owner resyncs), then hands
+    every message to `on_message(channel, data)` in arrival order. `heartbeat_loop()` publishes
+    `heartbeat_payload()` every heartbeat interval. Both stop when `stop()` is called.
+    """
+
+    def __init__(self, client: aioredis.Redis, channels: Channels, node_id: str, role: str, incarnation: str,
+                 heartbeat_s: float, peer_timeout_s: float, subscribe: list[str], on_message: MessageHandler,
+                 on_connect: Callable[[], Awaitable[None]], heartbeat_payload: Callable[[], dict]):
+        self.redis = client
+        self.channels = channels
+        self.node_id = node_id
+        self.role = role
+        self.incarnation = incarnation
+        self.heartbeat_s = heartbeat_s
+        self.peer_timeout_s = peer_timeout_s
+        self.subscribe_to = [channels.heartbeat, *[c for c in subscribe if c != channels.heartbeat]]
+        self.on_message = on_message
+        self.on_connect = on_connect
+        self.heartbeat_payload = heartbeat_payload
+        self.peers: dict[tuple[str, str], Peer] = {}
+        self.connected = False
+        self.reconnects = 0
+        self.last_error: str | None = None
+        self._stopping = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    async def publish(self, channel: str, payload: dict | str) -> None:
+        """Publish one message; raises BusError when Redis is unreachable."""
+        data = payload if isinstance(payload, str) else dumps(payload)
+        try:
+            await self.redis.publish(channel, data)
+        except BUS_ERRORS as exc:
+            raise BusError(f"publish to {channel} failed: {exc}") from exc
+
+    def alive_peers(self, role: str | None = None, now: float | None = None) -> list[Peer]:
+        now = now if now is not None else time.monotonic()
+        return [p for p in self.peers.values()
+                if (role is None or p.role == role) and p.age(now) <= self.peer_timeout_s]
+
+    def _note_heartbeat(self, data: dict, now: float) -> Peer | None:
+        node, role, inc = data.get("node"), data.get("role"), data.get("inc")
+        if not (isinstance(node, str) and isinstance(role, str) and isinstance(inc, str)):
+            return None
+        key = (node, role)
+        peer = self.peers.get(key)
+        if peer is None or peer.incarnation != inc:
+            peer = Peer(node=node, role=role, incarnation=inc, first_seen=now, last_seen=now)
+            self.peers[key] = peer
+        peer.last_seen = now
+        peer.payload = data
+        return peer
+
+    async def heartbeat_loop(self) -> None:
+        while not self.stopping:
+            if self.connected:
+                payload = {"node": self.node_id, "role": self.role, "inc": self.incarnation,
+                           "ts": time.time(), **self.heartbeat_payload()}
+                try:
+                    await self.publish(self.channels.heartbeat, payload)
+                except BusError as exc:
+                    log.debug("heartbeat not sent: %s", exc)
+            await self.wait_stop(self.heartbeat_s)
+
+    async def wait_stop(self, seconds: float) -> None:
+        """Sleep `seconds`, returning early when the bus is stopped."""
+        try:
+            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
+        except asyncio.TimeoutError:
+            pass
+
+    async def run(self) -> None:
+        backoff = 0.05
+        while not self.stopping:
+            try:
+                await self._session()
+                backoff = 0.05
+            except BUS_ERRORS as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                if self.connected:
+                    log.warning("bus connection lost: %s", self.last_error)
+                else:
+                    log.debug("bus connect failed: %s", self.last_error)
+            except BusError as exc:
+                self.last_error = str(exc)
+                log.warning("bus error during resync: %s", exc)
+            self.connected = False
+            if self.stopping:
+                break
+            await self.wait_stop(backoff * (0.5 + random.random()))
+            backoff = min(backoff * 2, 2.0)
+
+    async def _session(self) -> None:
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            await asyncio.wait_for(pubsub.subscribe(*self.subscribe_to), COMMAND_TIMEOUT_S)
+            self.connected = True
+            self.reconnects += 1
+            self.last_error = None
+            log.info("bus connected (subscribed to %d channels)", len(self.subscribe_to))
+            await self.on_connect()
+            await self._read(pubsub)
+        finally:
+            try:
+                await asyncio.wait_for(pubsub.aclose(), 1.0)
+            except BUS_ERRORS:
+                pass
+
+    async def _read(self, pubsub: Any) -> None:
+        silent_limit = max(3 * self.peer_timeout_s, 3 * self.heartbeat_s)
+        last_message = time.monotonic()
+        while not self.stopping:
+            msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=min(0.5, self.heartbeat_s))
+            now = time.monotonic()
+            if msg is None:
+                if now - last_message > silent_limit:
+                    raise RedisConnectionError("no message (not even our own heartbeat) for %.1fs" % silent_limit)
+                continue
+            last_message = now
+            if msg.get("type") != "message":
+                continue
+            try:
+                data = json.loads(msg["data"])
+            except (ValueError, TypeError):
+                log.warning("undecodable message on %s dropped", msg.get("channel"))
+                continue
+            if not isinstance(data, dict):
+                continue
+            channel = msg["channel"]
+            if channel == self.channels.heartbeat:
+                self._note_heartbeat(data, now)
+            try:
+                await self.on_message(channel, data)
+            except BusError:
+                raise
+            except (KeyError, TypeError, ValueError, CongressctlError) as exc:
+                log.error("message on %s not handled: %s: %s", channel, type(exc).__name__, exc, exc_info=exc)
+

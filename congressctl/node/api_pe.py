@@ -1,0 +1,538 @@
+"""The api-pe node: the Congress v1 REST API (Starlette on uvicorn) in front of a policy engine.
+
+Writes go to the store first (atomic Lua scripts that also publish the change notice), then to the local
+engine so a client reads its own writes; every other PE applies the notice at once. Reads are served from
+the local mirror and engine. `/healthz` is 200 only when the bus is connected and the PE has finished its
+sync since the last (re)connect.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import socket
+import time
+import uuid
+from typing import Any, Awaitable, Callable
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from congressctl.bus import Bus, Channels, make_redis, new_incarnation
+from congressctl.errors import BusError, DatasourceConfigError, PolicyError
+from congressctl.node.config import NodeConfig
+from congressctl.node.drivers import coerce_rows, normalize_datasource, table_columns
+from congressctl.node.pe import PolicyNode, rows_of
+from congressctl.node.runtime import Worker
+from congressctl.node.store import Store
+
+log = logging.getLogger("congressctl.api")
+
+POLICY_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")
+POLICY_KINDS = ("nonrecursive", "action", "database", "materialized")
+
+
+class ApiError(Exception):
+    """An HTTP error answer (status, message, extra error fields)."""
+
+    def __init__(self, status: int, message: str, **extra: Any):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.extra = extra
+
+
+def error_response(status: int, message: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "error_code": status, **extra}}, status_code=status)
+
+
+def results(items: list) -> JSONResponse:
+    return JSONResponse({"results": items})
+
+
+def table_spec(table: str, columns: list[str]) -> dict:
+    return {"table_id": table, "columns": [{"name": c, "description": ""} for c in columns]}
+
+
+def rows_body(rows: list[tuple]) -> JSONResponse:
+    return results([{"data": list(r)} for r in rows])
+
+
+async def json_body(request: Request) -> Any:
+    try:
+        return await request.json()
+    except ValueError:
+        raise ApiError(400, "request body is not valid JSON") from None
+
+
+def public_rule(rule: dict) -> dict:
+    return {k: rule.get(k, "") for k in ("id", "name", "comment", "rule")}
+
+
+class Api:
+    """Route handlers; each one is a small method, errors are raised as ApiError / named exceptions."""
+
+    def __init__(self, node: "ApiPeNode"):
+        self.node = node
+        self.pe = node.pe
+        self.store = node.store
+
+    # -- helpers --------------------------------------------------------------------------------------
+    def _policy(self, request: Request) -> dict:
+        policy = self.pe.policy(request.path_params["policy"])
+        if policy is None:
+            raise ApiError(404, f"policy {request.path_params['policy']!r} not found")
+        return policy
+
+    def _datasource(self, request: Request) -> dict:
+        ds = self.pe.datasource(request.path_params["ds"])
+        if ds is None:
+            raise ApiError(404, f"datasource {request.path_params['ds']!r} not found")
+        return ds
+
+    def _rule(self, policy: dict, rule_id: str) -> dict:
+        rule = self.pe.rules.get(policy["id"], {}).get(rule_id)
+        if rule is None:
+            rule = next((r for r in self.pe.rules.get(policy["id"], {}).values() if r.get("name") == rule_id), None)
+        if rule is None:
+            raise ApiError(404, f"rule {rule_id!r} not found in policy {policy['name']!r}")
+        return rule
+
+    # -- root, health, status -------------------------------------------------------------------------
+    async def root(self, request: Request) -> Response:
+        """Version document of the v1 API."""
+        return JSONResponse({"id": "v1", "status": "CURRENT", "updated": "2013-08-12T17:42:13Z",
+                             "links": [{"rel": "self", "href": str(request.url_for("v1"))}]})
+
+    async def versions(self, request: Request) -> Response:
+        """List of API versions."""
+        return JSONResponse({"versions": [{"id": "v1", "status": "CURRENT", "updated": "2013-08-12T17:42:13Z",
+                                           "links": [{"rel": "self", "href": str(request.url_for("v1"))}]}]})
+
+    async def healthz(self, request: Request) -> Response:
+        """200 when the bus is reachable and the PE is synced, else 503 (used by HAProxy)."""
+        problem = self.node.health_problem()
+        if problem:
+            return JSONResponse({"status": "unhealthy", "reason": problem}, status_code=503)
+        return JSONResponse({"status": "ok", "node": self.node.cfg.node_id})
+
+    async def status(self, request: Request) -> Response:
+        """Bus peers, the DSD's leader and counts, and (epoch, seq) per table with lag (congressctl status)."""
+        return JSONResponse(self.node.status())
+
+    async def openapi(self, request: Request) -> Response:
+        """This OpenAPI document."""
+        return JSONResponse(self.node.openapi)
+
+    # -- policies -------------------------------------------------------------------------------------
+    async def list_policies(self, request: Request) -> Response:
+        """List policies."""
+        return results(sorted(self.pe.policies.values(), key=lambda p: p["name"]))
+
+    async def create_policy(self, request: Request) -> Response:
+        """Create a policy: {"name", "description"?, "kind"?, "abbreviation"?}."""
+        body = await json_body(request)
+        if not isinstance(body, dict):
+            raise ApiError(400, "body must be a JSON object")
+        name = body.get("name")
+        if not isinstance(name, str) or not POLICY_NAME_RE.match(name):
+            raise ApiError(400, f"policy name must match {POLICY_NAME_RE.pattern} (got {name!r})", field="name")
+        kind = body.get("kind") or "nonrecursive"
+        if kind not in POLICY_KINDS:
+            raise ApiError(400, f"policy kind must be one of {', '.join(POLICY_KINDS)}", field="kind")
+        if self.pe.datasource(name) is not None:
+            raise ApiError(409, f"name {name!r} is already used by a datasource")
+        policy = {"id": str(uuid.uuid4()), "name": name, "description": str(body.get("description") or ""),
+                  "kind": kind, "abbreviation": str(body.get("abbreviation") or name[:5]), "owner_id": "user"}
+        if not await self.store.create_policy(policy):
+            raise ApiError(409, f"policy {name!r} already exists")
+        try:
+            self.pe.apply_policy(policy)
+        except PolicyError:
+            await self.store.delete_policy(policy)
+            raise
+        return JSONResponse(policy, status_code=201)
+
+    async def show_policy(self, request: Request) -> Response:
+        """Show one policy (id or name)."""
+        return JSONResponse(self._policy(request))
+
+    async def delete_policy(self, request: Request) -> Response:
+        """Delete a policy and its rules."""
+        policy = self._policy(request)
+        if not await self.store.delete_policy(policy):
+            raise ApiError(404, f"policy {policy['name']!r} not found")
+        self.pe.drop_policy(policy["id"])
+        return JSONResponse(policy)
+
+    # -- rules ----------------------------------------------------------------------------------------
+    async def list_rules(self, request: Request) -> Response:
+        """List the rules of a policy."""
+        policy = self._policy(request)
+        return results([public_rule(r) for r in self.pe.rule_list(policy["id"])])
+
+    async def create_rule(self, request: Request) -> Response:
+        """Add a rule: {"rule": text, "name"?, "comment"?}; 400 names the position of a parse/check error."""
+        policy = self._policy(request)
+        body = await json_body(request)
+        text = body.get("rule") if isinstance(body, dict) else None
+        if not isinstance(text, str) or not text.strip():
+            raise ApiError(400, "body must be {\"rule\": \"<rule text>\"}", field="rule")
+        self.pe.engine.check_rule(policy["name"], text)
+        normal = " ".join(text.split())
+        if any(" ".join(r["rule"].split()) == normal for r in self.pe.rules.get(policy["id"], {}).values()):
+            raise ApiError(409, f"rule already exists in policy {policy['name']!r}")
+        rule = {"id": str(uuid.uuid4()), "name": str(body.get("name") or ""),
+                "comment": str(body.get("comment") or ""), "rule": text}
+        stored = await self.store.add_rule(policy, rule)
+        if stored is None:
+            raise ApiError(404, f"policy {policy['name']!r} not found")
+        try:
+            self.pe.apply_rule(policy["id"], stored)
+        except PolicyError:
+            await self.store.delete_rule(policy, rule["id"])
+            raise
+        return JSONResponse(public_rule(stored), status_code=201)
+
+    async def show_rule(self, request: Request) -> Response:
+        """Show one rule."""
+        return JSONResponse(public_rule(self._rule(self._policy(request), request.path_params["rule"])))
+
+    async def delete_rule(self, request: Request) -> Response:
+        """Delete one rule."""
+        policy = self._policy(request)
+        rule = self._rule(policy, request.path_params["rule"])
+        if not await self.store.delete_rule(policy, rule["id"]):
+            raise ApiError(404, f"rule {rule['id']!r} not found")
+        self.pe.drop_rule(policy["id"], rule["id"])
+        return JSONResponse(public_rule(rule))
+
+    # -- policy tables --------------------------------------------------------------------------------
+    async def list_policy_tables(self, request: Request) -> Response:
+        """Tables defined by a policy's rules."""
+        policy = self._policy(request)
+        return results([{"id": t} for t in self.pe.engine.tables(policy["name"])])
+
+    async def show_policy_table(self, request: Request) -> Response:
+        """One table of a policy."""
+        policy = self._policy(request)
+        table = request.path_params["table"]
+        if table not in self.pe.engine.tables(policy["name"]):
+            raise ApiError(404, f"table {table!r} not found in policy {policy['name']!r}")
+        return JSONResponse({"id": table})
+
+    async def policy_rows(self, request: Request) -> Response:
+        """Rows of a policy table: {"results": [{"data": [...]}]}."""
+        policy = self._policy(request)
+        table = request.path_params["table"]
+        if table not in self.pe.engine.tables(policy["name"]):
+            raise ApiError(404, f"table {table!r} not found in policy {policy['name']!r}")
+        return rows_body(rows_of(self.pe.engine, f"{policy['name']}:{table}"))
+
+    # -- datasources ----------------------------------------------------------------------------------
+    async def list_datasources(self, request: Request) -> Response:
+        """List datasources."""
+        return results(sorted(self.pe.datasources.values(), key=lambda d: d["name"]))
+
+    async def create_datasource(self, request: Request) -> Response:
+        """Create a datasource: {"name", "driver": "push"|"http", "config": {"tables": ...}, ...}."""
+        ds = {"id": str(uuid.uuid4()), **normalize_datasource(await json_body(request))}
+        if self.pe.policy(ds["name"]) is not None:
+            raise ApiError(409, f"name {ds['name']!r} is already used by a policy")
+        if not await self.store.create_datasource(ds):
+            raise ApiError(409, f"datasource {ds['name']!r} already exists")
+        try:
+            self.pe.apply_datasource(ds, strict=True)
+        except PolicyError:
+            await self.store.delete_datasource(ds)
+            raise
+        return JSONResponse(ds, status_code=201)
+
+    async def show_datasource(self, request: Request) -> Response:
+        """Show one datasource (id or name)."""
+        return JSONResponse(self._datasource(request))
+
+    async def delete_datasource(self, request: Request) -> Response:
+        """Delete a datasource; the DSD stops it."""
+        ds = self._datasource(request)
+        if not await self.store.delete_datasource(ds):
+            raise ApiError(404, f"datasource {ds['name']!r} not found")
+        self.pe.drop_datasource(ds["id"])
+        return JSONResponse(ds)
+
+    async def datasource_action(self, request: Request) -> Response:
+        """POST ?action=execute {"name", "args": {"positional": [...]}}: run an action on the datasource."""
+        ds = self._datasource(request)
+        if request.query_params.get("action") != "execute":
+            raise ApiError(400, "unsupported action; use ?action=execute")
+        body = await json_body(request)
+        if not isinstance(body, dict) or not isinstance(body.get("name"), str):
+            raise ApiError(400, "body must be {\"name\": ACTION, \"args\": {\"positional\": [...]}}")
+        args = body.get("args") or {}
+        positional = args.get("positional", []) if isinstance(args, dict) else args
+        if not isinstance(positional, list):
+            raise ApiError(400, "args.positional must be a list")
+        req = {"id": uuid.uuid4().hex, "ds": ds["name"], "action": body["name"], "args": positional,
+               "pe": self.node.cfg.node_id, "inc": self.node.incarnation, "direct": True}
+        await self.node.bus.publish(self.node.channels.action, req)
+        return JSONResponse({"action_id": req["id"]})
+
+    def _ds_table(self, request: Request) -> tuple[dict, str]:
+        ds = self._datasource(request)
+        table = request.path_params["table"]
+        if table not in ds["config"]["tables"]:
+            raise ApiError(404, f"table {table!r} not found in datasource {ds['name']!r}")
+        return ds, table
+
+    async def list_datasource_tables(self, request: Request) -> Response:
+        """Tables of a datasource."""
+        ds = self._datasource(request)
+        return results([{"id": t, "columns": c} for t, c in table_columns(ds).items()])
+
+    async def show_datasource_table(self, request: Request) -> Response:
+        """One table of a datasource."""
+        ds, table = self._ds_table(request)
+        return JSONResponse({"id": table})
+
+    async def datasource_schema(self, request: Request) -> Response:
+        """Schema of every table of a datasource."""
+        ds = self._datasource(request)
+        return JSONResponse({"tables": [table_spec(t, c) for t, c in table_columns(ds).items()]})
+
+    async def datasource_table_spec(self, request: Request) -> Response:
+        """Schema of one datasource table."""
+        ds, table = self._ds_table(request)
+        return JSONResponse(table_spec(table, table_columns(ds)[table]))
+
+    async def list_drivers(self, request: Request) -> Response:
+        """The datasource drivers this service runs."""
+        return results([{"id": "push", "description": "rows replaced through the API (PUT .../rows)"},
+                        {"id": "http", "description": "polls a JSON URL and maps fields to columns"}])
+
+    async def datasource_rows(self, request: Request) -> Response:
+        """Rows of a datasource table as this PE holds them."""
+        ds, table = self._ds_table(request)
+        return rows_body(rows_of(self.pe.engine, f"{ds['name']}:{table}"))
+
+    async def push_rows(self, request: Request) -> Response:
+        """Replace a push datasource's table: body is a list of rows (lists, {"data": [...]} or objects)."""
+        ds, table = self._ds_table(request)
+        if ds["driver"] != "push":
+            raise ApiError(400, f"datasource {ds['name']!r} is not a push datasource")
+        rows = coerce_rows(await json_body(request), ds["config"]["tables"][table]["columns"])
+        if not await self.store.push_rows(ds, table, [list(r) for r in rows]):
+            raise ApiError(404, f"datasource {ds['name']!r} not found")
+        return JSONResponse({})
+
+    async def datasource_status(self, request: Request) -> Response:
+        """Driver status as the DSD reports it in its heartbeat, plus (epoch, seq) of each table."""
+        ds = self._datasource(request)
+        dsd = self.pe.dsd or {}
+        reported = (dsd.get("datasources") or {}).get(ds["id"], {})
+        tables = [t for t in self.pe.table_status() if t["datasource_id"] == ds["id"]]
+        return JSONResponse({"initialized": bool(reported.get("initialized")),
+                             "last_updated": reported.get("last_updated"),
+                             "number_of_updates": reported.get("number_of_updates", 0),
+                             "last_error": reported.get("last_error"),
+                             "actions_executed": reported.get("actions_executed", 0),
+                             "actions_failed": reported.get("actions_failed", 0),
+                             "subscriptions": [], "subscribers": [], "tables": tables})
+
+    # -- app ------------------------------------------------------------------------------------------
+    def routes(self) -> list[Route]:
+        p = "/v1/policies/{policy}"
+        d = "/v1/data-sources/{ds}"
+        spec: list[tuple[str, Callable[..., Awaitable[Response]], list[str], str | None]] = [
+            ("/", self.versions, ["GET"], None),
+            ("/v1", self.root, ["GET"], "v1"),
+            ("/v1/", self.root, ["GET"], None),
+            ("/healthz", self.healthz, ["GET"], None),
+            ("/v1/status", self.status, ["GET"], None),
+            ("/v1/openapi.json", self.openapi, ["GET"], None),
+            ("/v1/policies", self.list_policies, ["GET"], None),
+            ("/v1/policies", self.create_policy, ["POST"], None),
+            (p, self.show_policy, ["GET"], None),
+            (p, self.delete_policy, ["DELETE"], None),
+            (p + "/rules", self.list_rules, ["GET"], None),
+            (p + "/rules", self.create_rule, ["POST"], None),
+            (p + "/rules/{rule}", self.show_rule, ["GET"], None),
+            (p + "/rules/{rule}", self.delete_rule, ["DELETE"], None),
+            (p + "/tables", self.list_policy_tables, ["GET"], None),
+            (p + "/tables/{table}", self.show_policy_table, ["GET"], None),
+            (p + "/tables/{table}/rows", self.policy_rows, ["GET"], None),
+            ("/v1/system/drivers", self.list_drivers, ["GET"], None),
+            ("/v1/data-sources", self.list_datasources, ["GET"], None),
+            ("/v1/data-sources", self.create_datasource, ["POST"], None),
+            (d, self.show_datasource, ["GET"], None),
+            (d, self.delete_datasource, ["DELETE"], None),
+            (d, self.datasource_action, ["POST"], None),
+            (d + "/status", self.datasource_status, ["GET"], None),
+            (d + "/tables", self.list_datasource_tables, ["GET"], None),
+            (d + "/schema", self.datasource_schema, ["GET"], None),
+            (d + "/tables/{table}", self.show_datasource_table, ["GET"], None),
+            (d + "/tables/{table}/spec", self.datasource_table_spec, ["GET"], None),
+            (d + "/tables/{table}/rows", self.datasource_rows, ["GET"], None),
+            (d + "/tables/{table}/rows", self.push_rows, ["PUT"], None),
+        ]
+        return [Route(path, guarded(fn), methods=methods, name=name or f"{fn.__name__}-{'-'.join(methods)}")
+                for path, fn, methods, name in spec]
+
+
+def guarded(fn: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    """Turn the named errors into clear 4xx/503 answers; nothing else is caught."""
+    async def endpoint(request: Request) -> Response:
+        try:
+            return await fn(request)
+        except ApiError as exc:
+            return error_response(exc.status, exc.message, **exc.extra)
+        except PolicyError as exc:
+            status = {"not-found": 404, "exists": 409}.get(exc.kind, 400)
+            return error_response(status, str(exc), kind=exc.kind, position=exc.position, rule=exc.rule)
+        except DatasourceConfigError as exc:
+            return error_response(400, str(exc), field=exc.field)
+        except BusError as exc:
+            return error_response(503, f"control bus unavailable: {exc}")
+    endpoint.__name__ = fn.__name__
+    endpoint.__doc__ = fn.__doc__
+    return endpoint
+
+
+def openapi_document(routes: list[Route]) -> dict:
+    """A small OpenAPI 3 document generated from the route table and the handlers' docstrings."""
+    paths: dict[str, dict] = {}
+    for route in routes:
+        for method in sorted(route.methods or []):
+            if method == "HEAD":
+                continue
+            doc = (route.endpoint.__doc__ or route.name).strip().splitlines()[0]
+            params = [{"name": n, "in": "path", "required": True, "schema": {"type": "string"}}
+                      for n in re.findall(r"{(\w+)}", route.path)]
+            paths.setdefault(route.path, {})[method.lower()] = {
+                "summary": doc, "operationId": f"{method.lower()}_{route.endpoint.__name__}",
+                "parameters": params, "responses": {"200": {"description": "OK"}}}
+    return {"openapi": "3.0.3", "info": {"title": "congressctl policy API (Congress v1)", "version": "1.0"},
+            "paths": paths}
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: the worker owns SIGTERM."""
+
+    def capture_signals(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+
+class ApiPeNode(Worker):
+    def __init__(self, cfg: NodeConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.incarnation = new_incarnation()
+        self.channels = Channels(cfg.cluster)
+        self.redis = make_redis(cfg.bus.host, cfg.bus.port, cfg.bus.password, cfg.bus.tls, cfg.bus.tls_ca_file)
+        self.store = Store(self.redis, self.channels, origin=f"{cfg.node_id}/{self.incarnation}")
+        t = cfg.timings
+        self.pe = PolicyNode(self.store, cfg.node_id, self.incarnation, t.peer_timeout_s)
+        self.bus = Bus(self.redis, self.channels, cfg.node_id, "api-pe", self.incarnation, t.heartbeat_s,
+                       t.peer_timeout_s, [self.channels.notice, self.channels.diff], self.on_message,
+                       self.on_connect, self.heartbeat_payload)
+        self.synced = False
+        self.api = Api(self)
+        routes = self.api.routes()
+        self.openapi = openapi_document(routes)
+        self.app = Starlette(routes=routes)
+        self.server: _Server | None = None
+        self.sock: socket.socket | None = None
+
+    async def startup(self) -> None:
+        family = socket.AF_INET6 if ":" in self.cfg.api.bind else socket.AF_INET
+        # proto given explicitly: asyncio sets TCP_NODELAY only on sockets whose proto is IPPROTO_TCP, and
+        # without it keep-alive clients wait 40 ms (Nagle + delayed ACK) on every request
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.cfg.api.bind, self.cfg.api.port))
+        except OSError as exc:
+            sock.close()
+            raise BusError(f"cannot bind the API to {self.cfg.api.bind}:{self.cfg.api.port}: {exc.strerror}")
+        sock.listen(512)
+        sock.setblocking(False)
+        self.sock = sock
+        config = uvicorn.Config(self.app, log_config=None, access_log=False, lifespan="off",
+                                timeout_graceful_shutdown=0.5, timeout_keep_alive=5)
+        self.server = _Server(config)
+        log.info("api-pe %s starting, incarnation %s, API on %s:%d", self.cfg.node_id, self.incarnation,
+                 self.cfg.api.bind, self.cfg.api.port)
+
+    def start_tasks(self) -> None:
+        assert self.server is not None and self.sock is not None
+        self.tasks.spawn(self.server.serve(sockets=[self.sock]), "http", critical=True)
+        self.tasks.spawn(self.bus.run(), "bus-reader", critical=True)
+        self.tasks.spawn(self.bus.heartbeat_loop(), "heartbeat", critical=True)
+        self.tasks.spawn(self.pe.send_actions(self.bus), "action-sender", critical=True)
+        self.tasks.spawn(self.full_sync_loop(), "full-sync", critical=True)
+
+    def stop_taking_work(self) -> None:
+        if self.server is not None:
+            self.server.should_exit = True
+        self.bus.stop()
+
+    async def shutdown(self) -> None:
+        await self.redis.aclose()
+
+    async def on_connect(self) -> None:
+        self.synced = False
+        await self.pe.full_sync()
+        self.synced = True
+        log.info("synced: %d policies, %d datasources, %d tables", len(self.pe.policies),
+                 len(self.pe.datasources), len(self.pe.tables))
+
+    async def on_message(self, channel: str, data: dict) -> None:
+        if channel == self.channels.diff:
+            await self.pe.on_diff(data)
+        elif channel == self.channels.notice:
+            self.pe.on_notice(data)
+        elif channel == self.channels.heartbeat and data.get("role") == "dsd":
+            await self.pe.on_dsd_heartbeat(data)
+
+    async def full_sync_loop(self) -> None:
+        while not self.bus.stopping:
+            await self.bus.wait_stop(self.cfg.timings.full_sync_interval_s)
+            if self.bus.connected and self.synced:
+                try:
+                    await self.pe.full_sync()
+                except BusError as exc:
+                    log.warning("periodic full sync failed: %s", exc)
+
+    def heartbeat_payload(self) -> dict:
+        return {"synced": self.synced, "actions_sent": self.pe.actions_sent,
+                "tables": {s.key: [s.epoch, s.seq] for s in self.pe.tables.values()}}
+
+    def health_problem(self) -> str | None:
+        if not self.bus.connected:
+            return f"control bus not connected ({self.bus.last_error or 'connecting'})"
+        if not self.synced:
+            return "policy engine not synced yet"
+        return None
+
+    def status(self) -> dict:
+        now = time.monotonic()
+        peers = [{"node": p.node, "role": p.role, "incarnation": p.incarnation,
+                  "age_ms": round(p.age(now) * 1000, 1), "alive": p.age(now) <= self.bus.peer_timeout_s}
+                 for p in sorted(self.bus.peers.values(), key=lambda p: (p.role, p.node))]
+        dsd = None
+        if self.pe.dsd is not None:
+            hb = self.pe.dsd
+            dsd = {"node": hb.get("node"), "incarnation": hb.get("inc"), "epoch": hb.get("epoch"),
+                   "leader": hb.get("leader"), "leader_since": hb.get("leader_since"),
+                   "counts": hb.get("counts", {}), "buffered": hb.get("buffered", 0),
+                   "age_ms": round((now - hb["received"]) * 1000, 1)}
+        return {"node": self.cfg.node_id, "role": "api-pe", "incarnation": self.incarnation,
+                "synced": self.synced, "healthy": self.health_problem() is None,
+                "bus": {"host": self.cfg.bus.host, "port": self.cfg.bus.port, "connected": self.bus.connected,
+                        "connects": self.bus.reconnects, "last_error": self.bus.last_error},
+                "peers": peers, "dsd": dsd, "tables": self.pe.table_status(),
+                "actions": {"sent": self.pe.actions_sent, "queued": self.pe.outbox.qsize(),
+                            "dropped": self.pe.actions_dropped, "resent": self.pe.resent}}

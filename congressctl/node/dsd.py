@@ -1,0 +1,400 @@
+"""The DSD node: runs every datasource, publishes table diffs numbered (epoch, seq), executes actions.
+
+Table publication. Each process start takes a new epoch (a cluster-wide counter in the store). Every table
+starts the epoch with a full publication (seq 1) and each later change is a diff with seq + 1; snapshot,
+(epoch, seq) and the published message change together in one Lua script. A DSD whose epoch is older than
+the store's (it was paused and replaced) is refused by that script, or sees the newer epoch within about a
+second (fence loop), and stops itself with exit code 1.
+
+Actions, exactly once (DESIGN section 3). Every PE sends a request for every action it derives, carrying a
+deterministic action id. `Leadership` (pure, no I/O) decides: the DSD's leader is the first PE it hears
+from; its requests run unless their id already ran; other PEs' requests are kept for `buffer_s` (>= 2 x
+peer_timeout + 1 s). When the leader's heartbeats stop for peer_timeout, the longest-known live PE becomes
+leader and its buffered requests whose ids have not run are run ("replayed"). An id is marked executed in
+memory before running (bounded, FIFO) and claimed in Redis with SET NX EX executed_ttl_s (1 h by default)
+before the HTTP POST, so a restarted DSD, or a stale one coming back from SIGSTOP, never runs it again
+(PEs send their last 30 s of requests again when a new DSD process appears; these claims make that safe).
+Only heartbeats of PEs that report themselves synced count as "hearing from" a PE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import httpx
+
+from congressctl.bus import Bus, Channels, make_redis, new_incarnation
+from congressctl.errors import ActionDeliveryError, BusError, DatasourceConfigError
+from congressctl.node.config import NodeConfig
+from congressctl.node.drivers import Driver, HttpPoster, Row, make_driver
+from congressctl.node.runtime import Worker
+from congressctl.node.store import Store, row_key
+
+log = logging.getLogger("congressctl.dsd")
+
+PeerKey = tuple[str, str]   # (node id, incarnation)
+
+
+@dataclass
+class Request:
+    id: str
+    datasource: str
+    action: str
+    args: list
+    pe: PeerKey
+    direct: bool = False
+    received: float = 0.0
+
+    @classmethod
+    def from_message(cls, data: dict, now: float) -> "Request":
+        return cls(id=str(data["id"]), datasource=str(data["ds"]), action=str(data["action"]),
+                   args=list(data.get("args", [])), pe=(str(data["pe"]), str(data["inc"])),
+                   direct=bool(data.get("direct", False)), received=now)
+
+
+@dataclass
+class Counts:
+    executed: int = 0
+    replayed: int = 0
+    ignored: int = 0
+    expired: int = 0
+    failed: int = 0
+    leader_changes: int = 0
+
+
+class Leadership:
+    """Sticky leader choice and the exactly-once bookkeeping. Methods return the requests to run now."""
+
+    def __init__(self, peer_timeout_s: float, buffer_s: float, capacity: int = 200_000):
+        self.peer_timeout_s = peer_timeout_s
+        self.buffer_s = buffer_s
+        self.capacity = capacity
+        self.leader: PeerKey | None = None
+        self.leader_since: float | None = None
+        self.first_heard: dict[PeerKey, float] = {}
+        self.last_heard: dict[PeerKey, float] = {}
+        self.buffers: dict[PeerKey, OrderedDict[str, Request]] = {}
+        self.executed: OrderedDict[str, None] = OrderedDict()
+        self.counts = Counts()
+        self.history: list[tuple[float, PeerKey | None, PeerKey]] = []
+
+    def is_executed(self, action_id: str) -> bool:
+        return action_id in self.executed
+
+    def _mark(self, action_id: str) -> None:
+        self.executed[action_id] = None
+        while len(self.executed) > self.capacity:
+            self.executed.popitem(last=False)
+
+    def heard(self, pe: PeerKey, now: float) -> list[Request]:
+        """A heartbeat or request from a PE. With no leader, that PE becomes it."""
+        self.first_heard.setdefault(pe, now)
+        self.last_heard[pe] = now
+        if self.leader is None:
+            return self._take(pe, now)
+        return []
+
+    def request(self, req: Request, now: float) -> list[Request]:
+        run = self.heard(req.pe, now)
+        if self.is_executed(req.id):
+            self.counts.ignored += 1
+            return run
+        if req.direct or req.pe == self.leader:
+            self._mark(req.id)
+            return run + [req]
+        self.buffers.setdefault(req.pe, OrderedDict())[req.id] = req
+        return run
+
+    def tick(self, now: float) -> list[Request]:
+        """Expire old buffered requests and forgotten peers; replace a leader silent for peer_timeout."""
+        for pe, buf in self.buffers.items():
+            while buf:
+                first = next(iter(buf.values()))
+                if now - first.received <= self.buffer_s:
+                    break
+                buf.popitem(last=False)
+                self.counts.expired += 1
+        for pe in [p for p, t in self.last_heard.items() if now - t > self.buffer_s and p != self.leader]:
+            self.last_heard.pop(pe)
+            self.first_heard.pop(pe, None)
+            self.counts.expired += len(self.buffers.pop(pe, {}))
+        if self.leader is None or now - self.last_heard.get(self.leader, now) <= self.peer_timeout_s:
+            return []
+        old, self.leader = self.leader, None
+        alive = [p for p, t in self.last_heard.items() if p != old and now - t <= self.peer_timeout_s]
+        if not alive:
+            log.warning("leader %s/%s lost; no live PE yet", *old)
+            return []
+        return self._take(min(alive, key=lambda p: self.first_heard[p]), now, old)
+
+    def _take(self, pe: PeerKey, now: float, old: PeerKey | None = None) -> list[Request]:
+        self.leader = pe
+        self.leader_since = now
+        self.counts.leader_changes += 1
+        self.history.append((time.time(), old, pe))
+        del self.history[:-50]
+        replay = [r for r in self.buffers.pop(pe, {}).values() if not self.is_executed(r.id)]
+        for r in replay:
+            self._mark(r.id)
+        self.counts.replayed += len(replay)
+        log.info("leader is now %s/%s (was %s); replaying %d buffered request(s)", pe[0], pe[1],
+                 "/".join(old) if old else "none", len(replay))
+        return replay
+
+
+@dataclass
+class TableState:
+    ds_id: str
+    ds_name: str
+    table: str
+    seq: int = 0
+    rows: set[str] = field(default_factory=set)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class StaleEpoch(Exception):
+    """This DSD's epoch is older than the store's: another DSD took over."""
+
+
+class DsdNode(Worker):
+    def __init__(self, cfg: NodeConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.incarnation = new_incarnation()
+        self.channels = Channels(cfg.cluster)
+        self.redis = make_redis(cfg.bus.host, cfg.bus.port, cfg.bus.password, cfg.bus.tls, cfg.bus.tls_ca_file)
+        self.store = Store(self.redis, self.channels)
+        t = cfg.timings
+        self.leadership = Leadership(t.peer_timeout_s, buffer_s=2 * t.peer_timeout_s + 1.0)
+        self.bus = Bus(self.redis, self.channels, cfg.node_id, "dsd", self.incarnation, t.heartbeat_s,
+                       t.peer_timeout_s, [self.channels.notice, self.channels.action, self.channels.push],
+                       self.on_message, self.on_connect, self.heartbeat_payload)
+        self.epoch: int | None = None
+        self.drivers: dict[str, Driver] = {}
+        self.driver_tasks: dict[str, asyncio.Task] = {}
+        self.tables: dict[tuple[str, str], TableState] = {}
+        self.http: httpx.AsyncClient | None = None
+        self.poster = HttpPoster()
+        self.drop = set(cfg.test_hooks.drop_publish)
+        self.exec_slots = asyncio.Semaphore(64)
+        self.stale = False
+        self.touched: dict[str, float] = {}   # datasource id -> when a notice last started/stopped it
+
+    # -- worker shape ---------------------------------------------------------------------------------
+    async def startup(self) -> None:
+        self.http = httpx.AsyncClient(timeout=httpx.Timeout(5.0, connect=2.0))
+        log.info("dsd %s starting, incarnation %s", self.cfg.node_id, self.incarnation)
+
+    def start_tasks(self) -> None:
+        self.tasks.spawn(self.bus.run(), "bus-reader", critical=True)
+        self.tasks.spawn(self.bus.heartbeat_loop(), "heartbeat", critical=True)
+        self.tasks.spawn(self.leader_loop(), "leader-watch", critical=True)
+        self.tasks.spawn(self.full_sync_loop(), "full-sync", critical=True)
+        self.tasks.spawn(self.fence_loop(), "fence", critical=True)
+
+    def stop_taking_work(self) -> None:
+        self.bus.stop()
+
+    async def shutdown(self) -> None:
+        if self.http is not None:
+            await self.http.aclose()
+        await self.poster.aclose()
+        await self.redis.aclose()
+
+    # -- heartbeat ------------------------------------------------------------------------------------
+    def heartbeat_payload(self) -> dict:
+        lead = self.leadership
+        return {"epoch": self.epoch,
+                "tables": {f"{s.ds_id}/{s.table}": [self.epoch, s.seq] for s in self.tables.values()},
+                "leader": {"node": lead.leader[0], "inc": lead.leader[1]} if lead.leader else None,
+                "leader_since": lead.history[-1][0] if lead.history else None,
+                "counts": dict(lead.counts.__dict__),
+                "buffered": sum(len(b) for b in lead.buffers.values()),
+                "datasources": {d.id: {"name": d.name, **d.status.as_dict()} for d in self.drivers.values()}}
+
+    # -- bus ------------------------------------------------------------------------------------------
+    async def on_connect(self) -> None:
+        if self.epoch is None:
+            self.epoch = await self.store.next_epoch()
+            log.info("epoch %d", self.epoch)
+        await self.sync_datasources(republish=True)
+
+    async def on_message(self, channel: str, data: dict) -> None:
+        ch = self.channels
+        now = time.monotonic()
+        if channel == ch.action:
+            try:
+                req = Request.from_message(data, now)
+            except (KeyError, TypeError, ValueError):
+                log.warning("malformed action request dropped")
+                return
+            self._run(self.leadership.request(req, now))
+        elif channel == ch.heartbeat:
+            # a PE still loading (or resyncing after a reconnect) cannot be trusted to send every action
+            if data.get("role") == "api-pe" and isinstance(data.get("inc"), str) and data.get("synced"):
+                self._run(self.leadership.heard((data["node"], data["inc"]), now))
+        elif channel == ch.push:
+            await self.refresh_pushed(str(data.get("ds_id")), str(data.get("table")))
+        elif channel == ch.notice and data.get("kind") == "datasource":
+            ds = data.get("datasource") or {}
+            if data.get("op") == "create":
+                await self.start_datasource(ds)
+            elif data.get("op") == "delete":
+                self.stop_datasource(ds.get("id"))
+
+    async def leader_loop(self) -> None:
+        interval = min(self.cfg.timings.heartbeat_s, 0.1)
+        while not self.bus.stopping:
+            self._run(self.leadership.tick(time.monotonic()))
+            if self.stale:
+                raise StaleEpoch(f"epoch {self.epoch} was superseded by a newer DSD")
+            await asyncio.sleep(interval)
+
+    async def full_sync_loop(self) -> None:
+        while not self.bus.stopping:
+            await self.bus.wait_stop(self.cfg.timings.full_sync_interval_s)
+            if not self.bus.connected or self.bus.stopping:
+                continue
+            try:
+                await self.sync_datasources(republish=False)
+            except BusError as exc:
+                log.warning("full sync failed: %s", exc)
+
+    async def fence_loop(self) -> None:
+        """A DSD that was paused (SIGSTOP) while another one started must notice and stop."""
+        while not self.bus.stopping:
+            await self.bus.wait_stop(max(1.0, self.cfg.timings.peer_timeout_s))
+            if self.epoch is None or not self.bus.connected:
+                continue
+            try:
+                current = await self.store.current_epoch()
+            except BusError:
+                continue
+            if current > self.epoch:
+                log.error("epoch %d superseded by %d: another DSD runs; stopping", self.epoch, current)
+                self.stale = True
+
+    # -- datasources ----------------------------------------------------------------------------------
+    async def sync_datasources(self, republish: bool) -> None:
+        """Make the running drivers match the store; with republish, send every table in full again."""
+        started = time.monotonic()
+        defined = {d["id"]: d for d in await self.store.datasources()}
+        self.touched = {k: t for k, t in self.touched.items() if t >= started}
+        for ds_id in [i for i in self.drivers if i not in defined and i not in self.touched]:
+            self.stop_datasource(ds_id)
+        for ds in defined.values():
+            if ds["id"] in self.touched:
+                continue   # a notice changed it after our read: that is newer
+            if ds["id"] not in self.drivers:
+                await self.start_datasource(ds)
+            elif republish:
+                await self._republish(self.drivers[ds["id"]])
+            elif ds["driver"] == "push":
+                for table in ds["config"]["tables"]:
+                    await self.refresh_pushed(ds["id"], table)
+
+    async def start_datasource(self, ds: dict) -> None:
+        if not ds.get("id") or ds["id"] in self.drivers or self.epoch is None or not ds.get("enabled", True):
+            return
+        assert self.http is not None
+        self.touched[ds["id"]] = time.monotonic()
+        driver = make_driver(ds, self.http, self.poster)
+        self.drivers[driver.id] = driver
+        for table in driver.tables:
+            self.tables[(driver.id, table)] = TableState(driver.id, driver.name, table)
+        await self._republish(driver)
+        driver.status.initialized = driver.ds["driver"] == "push"
+        emit = lambda table, rows, d=driver: self.set_rows(d, table, rows)  # noqa: E731
+        self.driver_tasks[driver.id] = self.tasks.spawn(driver.run(emit), f"driver-{driver.name}")
+        log.info("datasource %s (%s) started", driver.name, ds["driver"])
+
+    def stop_datasource(self, ds_id: str | None) -> None:
+        driver = self.drivers.pop(ds_id or "", None)
+        if driver is None:
+            return
+        self.touched[driver.id] = time.monotonic()
+        task = self.driver_tasks.pop(driver.id, None)
+        if task is not None:
+            task.cancel()
+        for key in [k for k in self.tables if k[0] == driver.id]:
+            del self.tables[key]
+        log.info("datasource %s stopped", driver.name)
+
+    async def _republish(self, driver: Driver) -> None:
+        """Publish each table in full with the next seq: at epoch start, and after a reconnect."""
+        for table in driver.tables:
+            state = self.tables[(driver.id, table)]
+            if driver.ds["driver"] == "push":
+                rows = {row_key(r) for r in await self.store.pushed_rows(driver.id, table)}
+            elif state.seq == 0:
+                rows = {row_key(r) for r in (await self.store.snapshot(driver.id, table)).rows}
+            else:
+                rows = set(state.rows)
+            await self._publish(state, rows, full=True)
+
+    async def refresh_pushed(self, ds_id: str, table: str) -> None:
+        driver = self.drivers.get(ds_id)
+        if driver is None or table not in driver.tables:
+            return
+        rows = await self.store.pushed_rows(ds_id, table)
+        await self.set_rows(driver, table, set(rows))
+
+    async def set_rows(self, driver: Driver, table: str, rows: set[Row]) -> None:
+        state = self.tables.get((driver.id, table))
+        if state is not None:
+            await self._publish(state, {row_key(r) for r in rows}, full=False)
+
+    async def _publish(self, state: TableState, rows: set[str], full: bool) -> None:
+        async with state.lock:
+            if (state.ds_id, state.table) not in self.tables:
+                return
+            added = sorted(rows if full else rows - state.rows)
+            deleted = [] if full else sorted(state.rows - rows)
+            if not full and not added and not deleted:
+                return
+            seq = state.seq + 1
+            publish = f"{state.ds_name}:{state.table}:{seq}" not in self.drop
+            assert self.epoch is not None
+            ok = await self.store.publish_table(state.ds_id, state.ds_name, state.table, self.epoch, seq,
+                                                added, deleted, full, publish)
+            if not ok:
+                self.stale = True
+                raise BusError(f"epoch {self.epoch} superseded; not publishing {state.ds_name}:{state.table}")
+            state.seq = seq
+            state.rows = rows
+            driver = self.drivers.get(state.ds_id)
+            if driver is not None:
+                driver.status.last_updated = time.time()
+                driver.status.number_of_updates += 1
+            if not publish:
+                log.warning("test hook: publication %s:%s:%d dropped", state.ds_name, state.table, seq)
+
+    # -- actions --------------------------------------------------------------------------------------
+    def _run(self, requests: list[Request]) -> None:
+        for req in requests:
+            self.tasks.spawn(self._execute(req), f"action-{req.id[:12]}")
+
+    async def _execute(self, req: Request) -> None:
+        counts = self.leadership.counts
+        driver = next((d for d in self.drivers.values() if d.name == req.datasource), None)
+        async with self.exec_slots:
+            try:
+                if not await self.store.claim_action(req.id, self.cfg.timings.executed_ttl_s):
+                    counts.ignored += 1
+                    return
+                if driver is None:
+                    raise DatasourceConfigError(f"no running datasource named {req.datasource}")
+                await driver.execute(req.id, req.action, req.args)
+            except (BusError, DatasourceConfigError, ActionDeliveryError) as exc:
+                counts.failed += 1
+                if driver is not None:
+                    driver.status.actions_failed += 1
+                log.error("action %s %s:%s%s failed: %s: %s", req.id[:12], req.datasource, req.action,
+                          tuple(req.args), type(exc).__name__, exc)
+                return
+        counts.executed += 1
+        driver.status.actions_executed += 1

@@ -1,0 +1,343 @@
+"""The policy engine side of an api-pe node: mirrors the store, follows table publications, sends actions.
+
+Tables. For every datasource table the PE keeps the (epoch, seq) it holds. A diff with seq n+1 of the same
+epoch is applied; an older epoch or seq is ignored; a gap, a new epoch without a full publication, or a DSD
+heartbeat showing a newer (epoch, seq) than ours (the lost last update) makes the PE replace the table from
+the stored snapshot, which is read with its (epoch, seq) in one MULTI/EXEC. A new epoch's rows therefore
+always replace the old epoch's table, never merge into it.
+
+Actions. Every execute[...] row that appears becomes a request with a deterministic id: sha256 of
+(datasource, action, args, cause), where cause is ("table", "<ds id>/<table>", epoch, seq) for the diff or
+snapshot that made the row appear, or ("rule", rule id) for a rule added at run time. All PEs that see the
+same change therefore name the same action the same way. Rows present when the PE first loads (process
+start) are state that existed before this PE, not new actions: that first load sends no requests.
+When a new DSD process shows up (its heartbeat carries a new incarnation), the requests of the last
+RESEND_WINDOW_S are sent again, so an action whose request the old DSD never ran is not lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from congressctl.bus import BUS_ERRORS, Bus, dumps
+from congressctl.errors import PolicyError
+from congressctl.node.drivers import table_columns
+from congressctl.node.store import Store
+from congressctl.policy import Engine, Result
+
+log = logging.getLogger("congressctl.pe")
+
+MAX_PENDING_ACTIONS = 100_000
+# Requests sent in the last RESEND_WINDOW_S are sent again when a new DSD process appears: one that died
+# may not have run them, and requests sent while no DSD ran reached nobody. The DSD's executed ids (kept in
+# Redis) make the repeats harmless.
+RESEND_WINDOW_S = 30.0
+RESEND_MAX = 20_000
+
+
+@dataclass
+class TableSync:
+    ds_id: str
+    ds_name: str
+    table: str
+    epoch: int = 0
+    seq: int = 0
+    resyncs: int = 0
+    diffs: int = 0
+    rows_applied: int = 0
+
+    @property
+    def key(self) -> str:
+        return f"{self.ds_id}/{self.table}"
+
+    @property
+    def engine_table(self) -> str:
+        return f"{self.ds_name}:{self.table}"
+
+
+def action_id(datasource: str, action: str, args: tuple, cause: tuple) -> str:
+    return hashlib.sha256(dumps([datasource, action, list(args), *cause]).encode()).hexdigest()[:32]
+
+
+class PolicyNode:
+    """The PE: an Engine plus a mirror of the store's definitions, kept in step by notices and full syncs."""
+
+    def __init__(self, store: Store, node_id: str, incarnation: str, peer_timeout_s: float):
+        self.store = store
+        self.peer_timeout_s = peer_timeout_s
+        self.node_id = node_id
+        self.incarnation = incarnation
+        self.engine = Engine()
+        self.policies: dict[str, dict] = {}          # id -> policy
+        self.rules: dict[str, dict[str, dict]] = {}  # policy id -> rule id -> rule
+        self.datasources: dict[str, dict] = {}       # id -> datasource
+        self.tables: dict[tuple[str, str], TableSync] = {}
+        self.dsd: dict | None = None                 # last DSD heartbeat (with local receive time)
+        self.outbox: asyncio.Queue[dict] = asyncio.Queue()
+        self.loaded = False
+        self.actions_sent = 0
+        self.actions_dropped = 0
+        self.touched: dict[str, float] = {}          # id -> when a notice or API write last changed it
+        self.recent: deque[tuple[float, dict]] = deque(maxlen=RESEND_MAX)
+        self.resent = 0
+
+    # -- lookups --------------------------------------------------------------------------------------
+    def policy(self, ref: str) -> dict | None:
+        return self.policies.get(ref) or next((p for p in self.policies.values() if p["name"] == ref), None)
+
+    def datasource(self, ref: str) -> dict | None:
+        return self.datasources.get(ref) or next((d for d in self.datasources.values() if d["name"] == ref), None)
+
+    def rule_list(self, policy_id: str) -> list[dict]:
+        return sorted(self.rules.get(policy_id, {}).values(), key=lambda r: r.get("n", 0))
+
+    # -- actions --------------------------------------------------------------------------------------
+    def emit(self, result: Result, cause: tuple) -> None:
+        if not self.loaded or not result.actions:
+            return
+        for a in result.actions:
+            if self.outbox.qsize() >= MAX_PENDING_ACTIONS:
+                self.actions_dropped += 1
+                continue
+            self.outbox.put_nowait({"id": action_id(a.datasource, a.name, a.args, cause), "ds": a.datasource,
+                                    "action": a.name, "args": list(a.args), "pe": self.node_id,
+                                    "inc": self.incarnation})
+
+    async def send_actions(self, bus: Bus) -> None:
+        """Long-lived: publish queued requests in pipelined batches; keep them while the bus is down."""
+        batch: list[dict] = []
+        while not bus.stopping:
+            if not batch:
+                batch.append(await self.outbox.get())
+            while not self.outbox.empty() and len(batch) < 500:
+                batch.append(self.outbox.get_nowait())
+            try:
+                async with self.store.redis.pipeline(transaction=False) as pipe:
+                    for req in batch:
+                        pipe.publish(bus.channels.action, dumps(req))
+                    await pipe.execute()
+            except BUS_ERRORS as exc:
+                log.debug("action requests not sent yet: %s", exc)
+                await asyncio.sleep(0.2)
+                continue
+            self.actions_sent += len(batch)
+            now = time.monotonic()
+            self.recent.extend((now, req) for req in batch)
+            batch = []
+
+    def resend_recent(self) -> None:
+        horizon = time.monotonic() - RESEND_WINDOW_S
+        again = [req for sent, req in self.recent if sent >= horizon]
+        for req in again:
+            self.outbox.put_nowait(req)
+        self.resent += len(again)
+        log.info("new DSD process: sending the last %d action request(s) again", len(again))
+
+    # -- definitions ----------------------------------------------------------------------------------
+    def _touch(self, object_id: str) -> None:
+        self.touched[object_id] = time.monotonic()
+
+    def apply_datasource(self, ds: dict, strict: bool = False) -> None:
+        """Declare a datasource's tables. strict (an API create): a refused schema undoes it and raises."""
+        if ds["id"] in self.datasources:
+            return
+        self._touch(ds["id"])
+        self.datasources[ds["id"]] = ds
+        for table, columns in table_columns(ds).items():
+            try:
+                self.emit(self.engine.declare_table(ds["name"], table, columns), ("schema", ds["id"], table))
+            except PolicyError as exc:
+                if strict:
+                    self.drop_datasource(ds["id"])
+                    raise
+                log.error("datasource %s table %s not declared: %s", ds["name"], table, exc)
+            self.tables[(ds["id"], table)] = TableSync(ds["id"], ds["name"], table)
+
+    def drop_datasource(self, ds_id: str) -> None:
+        ds = self.datasources.pop(ds_id, None)
+        if ds is None:
+            return
+        self._touch(ds_id)
+        for key in [k for k in self.tables if k[0] == ds_id]:
+            del self.tables[key]
+        self.engine.drop_datasource(ds["name"])
+
+    def apply_policy(self, policy: dict) -> None:
+        if policy["id"] in self.policies:
+            return
+        try:
+            self.engine.create_policy(policy["name"])
+        except PolicyError as exc:
+            if exc.kind != "exists":
+                raise
+        self._touch(policy["id"])
+        self.policies[policy["id"]] = policy
+        self.rules.setdefault(policy["id"], {})
+
+    def drop_policy(self, policy_id: str) -> None:
+        policy = self.policies.pop(policy_id, None)
+        self.rules.pop(policy_id, None)
+        self._touch(policy_id)
+        if policy is not None and policy["name"] in self.engine.policies():
+            self.engine.delete_policy(policy["name"])
+
+    def apply_rule(self, policy_id: str, rule: dict) -> None:
+        policy = self.policies.get(policy_id)
+        if policy is None or rule["id"] in self.rules.get(policy_id, {}):
+            return
+        _, result = self.engine.add_rule(policy["name"], rule["rule"], rule_id=rule["id"])
+        self._touch(rule["id"])
+        self.rules[policy_id][rule["id"]] = rule
+        self.emit(result, ("rule", rule["id"]))
+
+    def drop_rule(self, policy_id: str, rule_id: str) -> None:
+        policy = self.policies.get(policy_id)
+        if policy is None or self.rules.get(policy_id, {}).pop(rule_id, None) is None:
+            return
+        self._touch(rule_id)
+        self.engine.delete_rule(policy["name"], rule_id)
+
+    def on_notice(self, data: dict) -> None:
+        """Apply another node's change (this node's API handlers apply their own writes themselves)."""
+        if data.get("origin") == self.store.origin:
+            return
+        kind, op = data.get("kind"), data.get("op")
+        try:
+            if kind == "datasource" and op == "create":
+                self.apply_datasource(data["datasource"])
+            elif kind == "datasource" and op == "delete":
+                self.drop_datasource(data["datasource"]["id"])
+            elif kind == "policy" and op == "create":
+                self.apply_policy(data["policy"])
+            elif kind == "policy" and op == "delete":
+                self.drop_policy(data["policy"]["id"])
+            elif kind == "rule" and op == "create":
+                self.apply_rule(data["policy_id"], data["rule"])
+            elif kind == "rule" and op == "delete":
+                self.drop_rule(data["policy_id"], data["rule_id"])
+        except (PolicyError, KeyError, TypeError) as exc:
+            log.error("notice %s %s not applied: %s (the full sync will retry)", kind, op, exc)
+
+    async def full_sync(self) -> None:
+        """Make the mirror equal the store (safety net after reconnects and missed notices).
+
+        The store is read with several commands; an object changed by a notice or an API write after the
+        read began is newer than what was read and is left alone.
+        """
+        started = time.monotonic()
+        datasources = {d["id"]: d for d in await self.store.datasources()}
+        policies = {p["id"]: p for p in await self.store.policies()}
+        rules = {pid: await self.store.rules(pid) for pid in policies}
+        self.touched = {k: t for k, t in self.touched.items() if t >= started}
+        stale = self.touched.__contains__
+        for pid in [p for p in self.policies if p not in policies and not stale(p)]:
+            self.drop_policy(pid)
+        for pid, policy_rules in rules.items():
+            wanted = {r["id"] for r in policy_rules}
+            for rid in [r for r in self.rules.get(pid, {}) if r not in wanted and not stale(r)]:
+                self.drop_rule(pid, rid)
+        for ds_id in [d for d in self.datasources if d not in datasources and not stale(d)]:
+            self.drop_datasource(ds_id)
+        for ds in datasources.values():
+            if not stale(ds["id"]):
+                self.apply_datasource(ds)
+        for policy in policies.values():
+            if not stale(policy["id"]):
+                self.apply_policy(policy)
+        for pid, policy_rules in rules.items():
+            for rule in [r for r in policy_rules if not stale(r["id"]) and not stale(pid)]:
+                try:
+                    self.apply_rule(pid, rule)
+                except PolicyError as exc:
+                    log.error("rule %s of policy %s refused by the engine: %s", rule["id"],
+                              policies[pid]["name"], exc)
+        for state in list(self.tables.values()):
+            await self.resync(state)
+        self.loaded = True
+
+    # -- tables ---------------------------------------------------------------------------------------
+    async def resync(self, state: TableSync) -> None:
+        """Replace the table from the stored snapshot when that is newer than what we hold."""
+        snap = await self.store.snapshot(state.ds_id, state.table)
+        if self.tables.get((state.ds_id, state.table)) is not state:
+            return
+        if (snap.epoch, snap.seq) <= (state.epoch, state.seq):
+            return
+        result = self.engine.replace_table(state.engine_table, snap.rows)
+        state.epoch, state.seq = snap.epoch, snap.seq
+        state.resyncs += 1
+        state.rows_applied += len(snap.rows)
+        log.info("table %s replaced from snapshot (epoch %d, seq %d, %d rows)", state.engine_table,
+                 snap.epoch, snap.seq, len(snap.rows))
+        self.emit(result, ("table", state.key, snap.epoch, snap.seq))
+
+    async def on_diff(self, msg: dict) -> None:
+        state = self.tables.get((msg.get("ds_id"), msg.get("table")))
+        if state is None:
+            return
+        epoch, seq = int(msg["epoch"]), int(msg["seq"])
+        if epoch < state.epoch or (epoch == state.epoch and seq <= state.seq):
+            return
+        cause = ("table", state.key, epoch, seq)
+        if msg.get("full"):
+            result = self.engine.replace_table(state.engine_table, (tuple(r) for r in msg["rows"]))
+            state.rows_applied += len(msg["rows"])
+        elif epoch == state.epoch and seq == state.seq + 1:
+            result = self.engine.update({state.engine_table: ([tuple(r) for r in msg["add"]],
+                                                              [tuple(r) for r in msg["del"]])})
+            state.rows_applied += len(msg["add"]) + len(msg["del"])
+        else:
+            log.info("table %s: have (%d, %d), got (%d, %d): resync", state.engine_table, state.epoch,
+                     state.seq, epoch, seq)
+            await self.resync(state)
+            return
+        state.epoch, state.seq = epoch, seq
+        state.diffs += 1
+        self.emit(result, cause)
+
+    async def on_dsd_heartbeat(self, data: dict) -> None:
+        epoch = data.get("epoch") or 0
+        now = time.monotonic()
+        if (self.dsd is not None and epoch < (self.dsd.get("epoch") or 0)
+                and now - self.dsd["received"] < self.peer_timeout_s):
+            return   # a stale DSD (paused, replaced) still beating until it notices
+        previous = self.dsd
+        self.dsd = {**data, "received": now}
+        if previous is not None and previous.get("inc") != data.get("inc"):
+            self.resend_recent()
+        tables = data.get("tables") or {}
+        for state in list(self.tables.values()):
+            seen = tables.get(state.key)
+            if not seen or seen[0] is None:
+                continue
+            if (int(seen[0]), int(seen[1])) > (state.epoch, state.seq):
+                log.info("table %s: DSD heartbeat shows (%s, %s), have (%d, %d): resync",
+                         state.engine_table, seen[0], seen[1], state.epoch, state.seq)
+                await self.resync(state)
+
+    # -- status ---------------------------------------------------------------------------------------
+    def table_status(self) -> list[dict[str, Any]]:
+        dsd_tables = (self.dsd or {}).get("tables") or {}
+        out = []
+        for state in sorted(self.tables.values(), key=lambda s: s.engine_table):
+            seen = dsd_tables.get(state.key) or [None, None]
+            lag = None
+            if seen[0] is not None:
+                lag = 0 if seen[0] == state.epoch and seen[1] <= state.seq else (
+                    seen[1] - state.seq if seen[0] == state.epoch else None)
+            out.append({"table": state.engine_table, "datasource_id": state.ds_id, "epoch": state.epoch,
+                        "seq": state.seq, "dsd_epoch": seen[0], "dsd_seq": seen[1], "lag": lag,
+                        "diffs_applied": state.diffs, "rows_applied": state.rows_applied,
+                        "resyncs": state.resyncs})
+        return out
+
+
+def rows_of(engine: Engine, table: str) -> list[tuple]:
+    return sorted(engine.rows(table), key=lambda r: tuple(map(str, r)))
+

@@ -1,0 +1,135 @@
+"""Worker plumbing shared by both node roles: logging, tracked tasks, SIGTERM handling.
+
+The worker shape is arq-like: `startup()`, the long-lived tasks, `shutdown()`. SIGTERM (or SIGINT) means:
+stop taking work, give running work a moment, cancel what is left; the process is gone within 2 s.
+Every task is tracked and its result read, so an exception never vanishes: a failing long-lived task is
+logged and stops the worker with a non-zero exit code (Pacemaker then restarts it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Coroutine
+
+log = logging.getLogger("congressctl.node")
+
+GRACE_S = 0.8
+
+
+def setup_logging(node_id: str, role: str, log_dir: str, level: int = logging.INFO) -> Path | None:
+    """Log to stderr and to <log_dir>/<role>.log, the node id in every line. Returns the file used."""
+    fmt = logging.Formatter(f"%(asctime)s {node_id} {role} %(levelname)s %(name)s: %(message)s")
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.setLevel(level)
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(fmt)
+    root.addHandler(stream)
+    path: Path | None = Path(log_dir) / f"{role}.log"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(path)
+        handler.setFormatter(fmt)
+        root.addHandler(handler)
+    except OSError as exc:
+        log.warning("cannot log to %s: %s (stderr only)", path, exc)
+        path = None
+    for noisy in ("uvicorn.access", "httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return path
+
+
+class Tasks:
+    """Owns every background task: names them, reads their results, cancels them at shutdown."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task] = set()
+        self.failed = asyncio.Event()
+        self.errors: list[str] = []
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str, critical: bool = False) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(lambda t: self._done(t, critical))
+        return task
+
+    def _done(self, task: asyncio.Task, critical: bool) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("task %s failed: %s", task.get_name(), exc, exc_info=exc)
+            self.errors.append(f"{task.get_name()}: {exc}")
+            if critical:
+                self.failed.set()
+        elif critical:
+            self.failed.set()
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    async def wait(self, timeout: float) -> None:
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=timeout)
+
+    async def cancel_all(self, timeout: float = 0.5) -> None:
+        tasks = set(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
+
+
+class Worker:
+    """Base of a node process. Subclasses fill `startup`, `start_tasks`, `stop_taking_work`, `shutdown`."""
+
+    def __init__(self) -> None:
+        self.tasks = Tasks()
+        self.stop_event = asyncio.Event()
+
+    async def startup(self) -> None:
+        """Open connections and bind sockets; raise to abort the start."""
+
+    def start_tasks(self) -> None:
+        """Spawn the long-lived tasks (critical=True: their end stops the worker)."""
+
+    def stop_taking_work(self) -> None:
+        """Stop accepting requests and messages; running work may finish within the grace period."""
+
+    async def shutdown(self) -> None:
+        """Close connections after the tasks are gone."""
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop_event.set)
+        try:
+            await self.startup()
+        except Exception as exc:  # noqa: BLE001 - reported and turned into an exit code
+            log.error("startup failed: %s", exc)
+            await self.shutdown()
+            return 1
+        self.start_tasks()
+        stop = loop.create_task(self.stop_event.wait(), name="wait-stop")
+        failed = loop.create_task(self.tasks.failed.wait(), name="wait-failed")
+        await asyncio.wait({stop, failed}, return_when=asyncio.FIRST_COMPLETED)
+        code = 0 if self.stop_event.is_set() else 1
+        for t in (stop, failed):
+            t.cancel()
+        log.info("stopping (%s)", "signal" if code == 0 else "a task failed")
+        self.stop_taking_work()
+        await self.tasks.wait(GRACE_S)
+        await self.tasks.cancel_all()
+        try:
+            await asyncio.wait_for(self.shutdown(), 0.5)
+        except (asyncio.TimeoutError, Exception) as exc:  # noqa: BLE001 - shutdown must not hang or raise
+            log.warning("shutdown incomplete: %s", exc)
+        log.info("stopped, exit code %d (pid %d)", code, os.getpid())
+        return code

@@ -1,0 +1,276 @@
+"""The durable store in Redis: policies, rules, datasource definitions, pushed data, table snapshots,
+executed action ids. Every write that others must hear about publishes its notice inside the same Lua
+script, so the store and the notice never disagree and a failed write leaves nothing half-done.
+
+Keys (prefix congress:<cluster>:):
+  policy-names  hash name -> id        policies  hash id -> policy JSON
+  rules:<pid>   hash rule id -> rule JSON (with "n", a cluster-wide counter, for insertion order)
+  ds-names      hash name -> id        datasources  hash id -> datasource JSON
+  pushed:<dsid>:<table>   JSON list of rows last pushed through the API
+  snap:<dsid>:<table>     set of canonical row JSON       snapmeta:<dsid>:<table>  hash epoch, seq
+  epoch         counter: every DSD start takes the next   executed:<action id>  marker with a TTL
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import redis.asyncio as aioredis
+
+from congressctl.bus import BUS_ERRORS, Channels, dumps
+from congressctl.errors import BusError
+
+Row = tuple
+
+_CREATE_NAMED = """
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+redis.call('PUBLISH', ARGV[4], ARGV[5])
+return 1
+"""
+
+# KEYS: names, defs, then keys to delete with the object; ARGV: name, id, channel, notice
+_DELETE_NAMED = """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[2])
+for i = 3, #KEYS do redis.call('DEL', KEYS[i]) end
+redis.call('PUBLISH', ARGV[3], ARGV[4])
+return 1
+"""
+
+# KEYS: policies, rules:<pid>, rule counter; ARGV: pid, rule id, rule JSON prefix (closed here with "n"), channel,
+# notice prefix (closed with the same "n")
+_ADD_RULE = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return -1 end
+local n = redis.call('INCR', KEYS[3])
+local rule = ARGV[3] .. ',"n":' .. n .. '}'
+redis.call('HSET', KEYS[2], ARGV[2], rule)
+redis.call('PUBLISH', ARGV[4], ARGV[5] .. rule .. '}')
+return n
+"""
+
+_DELETE_RULE = """
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('PUBLISH', ARGV[2], ARGV[3])
+return 1
+"""
+
+# KEYS: pushed rows key, datasources; ARGV: ds id, rows JSON, channel, notice
+_PUSH = """
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0 then return 0 end
+redis.call('SET', KEYS[1], ARGV[2])
+redis.call('PUBLISH', ARGV[3], ARGV[4])
+return 1
+"""
+
+# A DSD publishes one table change. KEYS: snap set, snapmeta. ARGV: epoch, seq, n_add, n_del, channel,
+# message prefix, publish (1/0), full (1/0), then n_add added rows, then n_del deleted rows.
+# Refused (-1) when the store already holds a newer epoch: that DSD is stale (paused, replaced).
+_PUBLISH_TABLE = """
+local cur = tonumber(redis.call('HGET', KEYS[2], 'epoch') or '0')
+local epoch = tonumber(ARGV[1])
+if cur > epoch then return -1 end
+local n_add = tonumber(ARGV[3])
+local n_del = tonumber(ARGV[4])
+local full = ARGV[8] == '1'
+local added = {}
+local deleted = {}
+for i = 1, n_add do added[i] = ARGV[8 + i] end
+for i = 1, n_del do deleted[i] = ARGV[8 + n_add + i] end
+if full then redis.call('DEL', KEYS[1]) end
+for i = 1, n_del, 5000 do
+  redis.call('SREM', KEYS[1], unpack(deleted, i, math.min(i + 4999, n_del)))
+end
+for i = 1, n_add, 5000 do
+  redis.call('SADD', KEYS[1], unpack(added, i, math.min(i + 4999, n_add)))
+end
+redis.call('HSET', KEYS[2], 'epoch', ARGV[1], 'seq', ARGV[2])
+if ARGV[7] == '1' then
+  local msg
+  if full then
+    msg = ARGV[6] .. '"full":true,"rows":[' .. table.concat(added, ',') .. ']}'
+  else
+    msg = ARGV[6] .. '"add":[' .. table.concat(added, ',') .. '],"del":[' .. table.concat(deleted, ',') .. ']}'
+  end
+  redis.call('PUBLISH', ARGV[5], msg)
+end
+return 1
+"""
+
+
+def row_key(row: Iterable[Any]) -> str:
+    """Canonical JSON of a row: the member stored in a snapshot set and sent in diffs."""
+    return dumps(list(row))
+
+
+def row_from_key(text: str) -> Row:
+    return tuple(json.loads(text))
+
+
+@dataclass
+class Snapshot:
+    epoch: int
+    seq: int
+    rows: set[Row]
+
+
+class Store:
+    """Typed access to the store; every method raises BusError when Redis cannot be reached."""
+
+    def __init__(self, client: aioredis.Redis, channels: Channels, origin: str = ""):
+        self.redis = client
+        self.ch = channels
+        self.origin = origin   # written into change notices, so a node can skip its own
+        k = channels.key
+        self.k_policy_names = k("policy-names")
+        self.k_policies = k("policies")
+        self.k_ds_names = k("ds-names")
+        self.k_datasources = k("datasources")
+        self.k_rule_counter = k("rule-counter")
+        self.k_epoch = k("epoch")
+        self._create_named = client.register_script(_CREATE_NAMED)
+        self._delete_named = client.register_script(_DELETE_NAMED)
+        self._add_rule = client.register_script(_ADD_RULE)
+        self._delete_rule = client.register_script(_DELETE_RULE)
+        self._push = client.register_script(_PUSH)
+        self._publish_table = client.register_script(_PUBLISH_TABLE)
+
+    def k_rules(self, policy_id: str) -> str:
+        return self.ch.key("rules", policy_id)
+
+    def k_pushed(self, ds_id: str, table: str) -> str:
+        return self.ch.key("pushed", ds_id, table)
+
+    def k_snap(self, ds_id: str, table: str) -> str:
+        return self.ch.key("snap", ds_id, table)
+
+    def k_snapmeta(self, ds_id: str, table: str) -> str:
+        return self.ch.key("snapmeta", ds_id, table)
+
+    async def _call(self, coro: Any) -> Any:
+        try:
+            return await coro
+        except BUS_ERRORS as exc:
+            raise BusError(f"store unreachable: {exc}") from exc
+
+    # -- policies -------------------------------------------------------------------------------------
+    async def create_policy(self, policy: dict) -> bool:
+        """False when the name is taken (nothing written)."""
+        notice = dumps({"origin": self.origin, "kind": "policy", "op": "create", "policy": policy})
+        done = await self._call(self._create_named(
+            keys=[self.k_policy_names, self.k_policies],
+            args=[policy["name"], policy["id"], dumps(policy), self.ch.notice, notice]))
+        return bool(done)
+
+    async def delete_policy(self, policy: dict) -> bool:
+        notice = dumps({"origin": self.origin, "kind": "policy", "op": "delete", "policy": policy})
+        done = await self._call(self._delete_named(
+            keys=[self.k_policy_names, self.k_policies, self.k_rules(policy["id"])],
+            args=[policy["name"], policy["id"], self.ch.notice, notice]))
+        return bool(done)
+
+    async def policies(self) -> list[dict]:
+        raw = await self._call(self.redis.hgetall(self.k_policies))
+        return sorted((json.loads(v) for v in raw.values()), key=lambda p: p["name"])
+
+    async def add_rule(self, policy: dict, rule: dict) -> dict | None:
+        """Store a rule (None when its policy is gone); returns the stored rule with its order number."""
+        body = dumps(rule)[:-1]
+        notice_prefix = dumps({"origin": self.origin, "kind": "rule", "op": "create", "policy": policy["name"],
+                               "policy_id": policy["id"]})[:-1] + ',"rule":'
+        n = await self._call(self._add_rule(
+            keys=[self.k_policies, self.k_rules(policy["id"]), self.k_rule_counter],
+            args=[policy["id"], rule["id"], body, self.ch.notice, notice_prefix]))
+        if n < 0:
+            return None
+        return {**rule, "n": n}
+
+    async def delete_rule(self, policy: dict, rule_id: str) -> bool:
+        notice = dumps({"origin": self.origin, "kind": "rule", "op": "delete", "policy": policy["name"],
+                        "policy_id": policy["id"], "rule_id": rule_id})
+        done = await self._call(self._delete_rule(keys=[self.k_rules(policy["id"])],
+                                                  args=[rule_id, self.ch.notice, notice]))
+        return bool(done)
+
+    async def rules(self, policy_id: str) -> list[dict]:
+        raw = await self._call(self.redis.hgetall(self.k_rules(policy_id)))
+        return sorted((json.loads(v) for v in raw.values()), key=lambda r: r.get("n", 0))
+
+    # -- datasources ----------------------------------------------------------------------------------
+    async def create_datasource(self, ds: dict) -> bool:
+        notice = dumps({"origin": self.origin, "kind": "datasource", "op": "create", "datasource": ds})
+        done = await self._call(self._create_named(
+            keys=[self.k_ds_names, self.k_datasources],
+            args=[ds["name"], ds["id"], dumps(ds), self.ch.notice, notice]))
+        return bool(done)
+
+    async def delete_datasource(self, ds: dict) -> bool:
+        notice = dumps({"origin": self.origin, "kind": "datasource", "op": "delete", "datasource": ds})
+        extra = []
+        for table in ds["config"].get("tables", {}):
+            extra += [self.k_pushed(ds["id"], table), self.k_snap(ds["id"], table), self.k_snapmeta(ds["id"], table)]
+        done = await self._call(self._delete_named(
+            keys=[self.k_ds_names, self.k_datasources, *extra],
+            args=[ds["name"], ds["id"], self.ch.notice, notice]))
+        return bool(done)
+
+    async def datasources(self) -> list[dict]:
+        raw = await self._call(self.redis.hgetall(self.k_datasources))
+        return sorted((json.loads(v) for v in raw.values()), key=lambda d: d["name"])
+
+    async def datasource(self, ds_id: str) -> dict | None:
+        raw = await self._call(self.redis.hget(self.k_datasources, ds_id))
+        return json.loads(raw) if raw else None
+
+    # -- pushed data ----------------------------------------------------------------------------------
+    async def push_rows(self, ds: dict, table: str, rows: list[list]) -> bool:
+        """Keep the rows pushed through the API and tell the DSD; False when the datasource is gone."""
+        notice = dumps({"ds_id": ds["id"], "table": table})
+        done = await self._call(self._push(keys=[self.k_pushed(ds["id"], table), self.k_datasources],
+                                           args=[ds["id"], dumps(rows), self.ch.push, notice]))
+        return bool(done)
+
+    async def pushed_rows(self, ds_id: str, table: str) -> list[Row]:
+        raw = await self._call(self.redis.get(self.k_pushed(ds_id, table)))
+        return [tuple(r) for r in json.loads(raw)] if raw else []
+
+    # -- snapshots ------------------------------------------------------------------------------------
+    async def publish_table(self, ds_id: str, ds_name: str, table: str, epoch: int, seq: int,
+                            added: list[str], deleted: list[str], full: bool, publish: bool = True) -> bool:
+        """Atomically update the snapshot and (epoch, seq) and publish the diff. False: a newer epoch owns it."""
+        prefix = dumps({"ds_id": ds_id, "ds": ds_name, "table": table, "epoch": epoch, "seq": seq})[:-1] + ","
+        done = await self._call(self._publish_table(
+            keys=[self.k_snap(ds_id, table), self.k_snapmeta(ds_id, table)],
+            args=[epoch, seq, len(added), len(deleted), self.ch.diff, prefix, int(publish), int(full),
+                  *added, *deleted]))
+        return done == 1
+
+    async def snapshot(self, ds_id: str, table: str) -> Snapshot:
+        """(epoch, seq) and rows read in one MULTI/EXEC, so they always agree."""
+        async def read() -> Any:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hgetall(self.k_snapmeta(ds_id, table))
+                pipe.smembers(self.k_snap(ds_id, table))
+                return await pipe.execute()
+        meta, members = await self._call(read())
+        return Snapshot(epoch=int(meta.get("epoch", 0)), seq=int(meta.get("seq", 0)),
+                        rows={row_from_key(m) for m in members})
+
+    async def snapshot_meta(self, ds_id: str, table: str) -> tuple[int, int]:
+        meta = await self._call(self.redis.hgetall(self.k_snapmeta(ds_id, table)))
+        return int(meta.get("epoch", 0)), int(meta.get("seq", 0))
+
+    # -- DSD bookkeeping ------------------------------------------------------------------------------
+    async def next_epoch(self) -> int:
+        return int(await self._call(self.redis.incr(self.k_epoch)))
+
+    async def current_epoch(self) -> int:
+        return int(await self._call(self.redis.get(self.k_epoch)) or 0)
+
+    async def claim_action(self, action_id: str, ttl_s: int) -> bool:
+        """True exactly once per action id (within the TTL), across DSD restarts and stale DSDs."""
+        done = await self._call(self.redis.set(self.ch.key("executed", action_id), "1", nx=True, ex=ttl_s))
+        return bool(done)

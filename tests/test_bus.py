@@ -1,0 +1,245 @@
+"""The control bus and store against a real redis-server, and the DSD's leader/exactly-once bookkeeping."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from congressctl.bus import Bus, Channels, make_redis
+from congressctl.node.dsd import Leadership, Request
+from congressctl.node.store import Store, row_key
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def client_for(server, password=None):
+    return make_redis(server.host, server.port, password or server.password, timeout=2.0)
+
+
+# -- store ------------------------------------------------------------------------------------------------
+
+def test_concurrent_datasource_create_makes_exactly_one(redis_server):
+    async def go():
+        a, b = client_for(redis_server), client_for(redis_server)
+        sa, sb = Store(a, Channels("c")), Store(b, Channels("c"))
+        ds = {"name": "nova", "driver": "push", "config": {"tables": {"t": {"columns": ["x"]}}},
+              "description": "", "enabled": True}
+        results = await asyncio.gather(*[s.create_datasource({**ds, "id": f"id{i}"})
+                                         for i, s in enumerate([sa, sb] * 5)])
+        listed = await sa.datasources()
+        await a.aclose(), await b.aclose()
+        return results, listed
+    results, listed = run(go())
+    assert results.count(True) == 1
+    assert [d["name"] for d in listed] == ["nova"]
+
+
+def test_publish_table_keeps_snapshot_and_seq_together_and_refuses_stale_epoch(redis_server):
+    async def go():
+        r = client_for(redis_server)
+        store = Store(r, Channels("c"))
+        listener = client_for(redis_server)
+        pubsub = listener.pubsub(ignore_subscribe_messages=True)
+        await pubsub.subscribe(store.ch.diff)
+        rows = [row_key((i, f"r{i}")) for i in range(3)]
+        assert await store.publish_table("d1", "ds", "t", 5, 1, rows, [], full=True)
+        assert await store.publish_table("d1", "ds", "t", 5, 2, [row_key((9, "r9"))], [rows[0]], full=False)
+        assert await store.publish_table("d1", "ds", "t", 5, 3, [row_key((10, "x"))], [], full=False, publish=False)
+        stale = await store.publish_table("d1", "ds", "t", 4, 9, [row_key((66, "stale"))], [], full=False)
+        snap = await store.snapshot("d1", "t")
+        messages = []
+        while len(messages) < 2:
+            msg = await pubsub.get_message(timeout=2)
+            if msg:
+                messages.append(json.loads(msg["data"]))
+        extra = await pubsub.get_message(timeout=0.3)
+        await pubsub.aclose(), await listener.aclose(), await r.aclose()
+        return stale, snap, messages, extra
+    stale, snap, messages, extra = run(go())
+    assert stale is False
+    assert (snap.epoch, snap.seq) == (5, 3)
+    assert snap.rows == {(1, "r1"), (2, "r2"), (9, "r9"), (10, "x")}
+    assert messages[0]["full"] is True and messages[0]["rows"] == [[0, "r0"], [1, "r1"], [2, "r2"]]
+    assert (messages[1]["seq"], messages[1]["add"], messages[1]["del"]) == (2, [[9, "r9"]], [[0, "r0"]])
+    assert extra is None  # seq 3 was stored but its publication dropped (the test hook path)
+
+
+def test_claim_action_is_once(redis_server):
+    async def go():
+        r = client_for(redis_server)
+        store = Store(r, Channels("c"))
+        claims = await asyncio.gather(*[store.claim_action("abc", 60) for _ in range(5)])
+        await r.aclose()
+        return claims
+    assert run(go()).count(True) == 1
+
+
+def test_policy_and_rule_writes_are_atomic_with_notices(redis_server):
+    async def go():
+        r = client_for(redis_server)
+        store = Store(r, Channels("c"))
+        policy = {"id": "p1", "name": "pol"}
+        assert await store.create_policy(policy)
+        assert not await store.create_policy({"id": "p2", "name": "pol"})
+        rule = await store.add_rule(policy, {"id": "r1", "name": "", "comment": "", "rule": "p(x) :- q(x)"})
+        gone = await store.add_rule({"id": "nope", "name": "x"}, {"id": "r2", "name": "", "comment": "", "rule": "a"})
+        rules = await store.rules("p1")
+        assert await store.delete_policy(policy)
+        after = await store.rules("p1"), await store.policies()
+        await r.aclose()
+        return rule, gone, rules, after
+    rule, gone, rules, after = run(go())
+    assert rule["n"] >= 1 and gone is None
+    assert [x["id"] for x in rules] == ["r1"]
+    assert after == ([], [])
+
+
+# -- bus --------------------------------------------------------------------------------------------------
+
+class Probe:
+    def __init__(self, server, node, password=None, peer_timeout=0.3):
+        self.client = client_for(server, password)
+        self.connects = 0
+        self.messages: list[tuple[str, dict]] = []
+        ch = Channels("c")
+        self.bus = Bus(self.client, ch, node, "api-pe", f"inc-{node}", 0.05, peer_timeout, [ch.notice],
+                       self.on_message, self.on_connect, lambda: {"extra": node})
+
+    async def on_message(self, channel, data):
+        self.messages.append((channel, data))
+
+    async def on_connect(self):
+        self.connects += 1
+
+    def start(self):
+        return [asyncio.create_task(self.bus.run()), asyncio.create_task(self.bus.heartbeat_loop())]
+
+    async def stop(self, tasks):
+        self.bus.stop()
+        await asyncio.wait_for(asyncio.gather(*tasks), 5)
+        await self.client.aclose()
+
+
+async def until(predicate, timeout=10.0):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached")
+        await asyncio.sleep(0.02)
+
+
+def test_heartbeats_make_peers_and_silence_loses_them(redis_server):
+    async def go():
+        a, b = Probe(redis_server, "a"), Probe(redis_server, "b")
+        ta, tb = a.start(), b.start()
+        await until(lambda: {p.node for p in a.bus.alive_peers()} == {"a", "b"})
+        peer_b = a.bus.peers[("b", "api-pe")]
+        await b.stop(tb)
+        await until(lambda: {p.node for p in a.bus.alive_peers()} == {"a"})
+        await a.stop(ta)
+        return peer_b
+    peer_b = run(go())
+    assert peer_b.incarnation == "inc-b" and peer_b.payload["extra"] == "b"
+
+
+def test_reconnects_and_resyncs_after_redis_restart(redis_server):
+    async def go():
+        a = Probe(redis_server, "a")
+        tasks = a.start()
+        await until(lambda: a.bus.connected and a.connects == 1)
+        await asyncio.to_thread(redis_server.stop)
+        await until(lambda: not a.bus.connected)
+        await asyncio.to_thread(redis_server.start)
+        await until(lambda: a.bus.connected and a.connects == 2)
+        await a.bus.publish(a.bus.channels.notice, {"hello": 1})
+        await until(lambda: any(ch == a.bus.channels.notice for ch, _ in a.messages))
+        await a.stop(tasks)
+    run(go())
+
+
+def test_wrong_password_never_connects(redis_server):
+    async def go():
+        a = Probe(redis_server, "a", password="wrong")
+        tasks = a.start()
+        await until(lambda: a.bus.last_error is not None)
+        connected = a.bus.connected
+        await a.stop(tasks)
+        return connected, a.bus.last_error
+    connected, error = run(go())
+    assert not connected
+    assert "wrong" not in error and ("auth" in error.lower() or "password" in error.lower())
+
+
+# -- leadership (pure) ------------------------------------------------------------------------------------
+
+def req(i, pe, t):
+    return Request(id=f"a{i}", datasource="ds", action="act", args=[i], pe=pe, received=t)
+
+
+A, B = ("pe-a", "1"), ("pe-b", "1")
+
+
+def test_first_pe_heard_leads_and_followers_are_buffered():
+    lead = Leadership(peer_timeout_s=1.0, buffer_s=3.0)
+    assert lead.heard(A, 0.0) == []
+    lead.heard(B, 0.1)
+    assert lead.leader == A
+    assert [r.id for r in lead.request(req(1, A, 0.2), 0.2)] == ["a1"]
+    assert lead.request(req(1, B, 0.25), 0.25) == []
+    assert lead.request(req(1, A, 0.3), 0.3) == []  # duplicate from the leader
+    assert lead.counts.ignored == 2  # the follower's copy of a1 and the leader's repeat
+    assert lead.request(req(2, B, 0.4), 0.4) == []
+    assert lead.tick(0.9) == []
+    assert lead.leader == A
+
+
+def test_leader_loss_replays_unexecuted_buffered_requests_exactly_once():
+    lead = Leadership(peer_timeout_s=1.0, buffer_s=3.0)
+    lead.heard(A, 0.0), lead.heard(B, 0.0)
+    ran = []
+    for i in range(5):
+        ran += lead.request(req(i, A, 0.1), 0.1)
+        ran += lead.request(req(i, B, 0.1), 0.1)
+    for i in range(5, 8):                       # A is dead: only B's requests arrive
+        ran += lead.request(req(i, B, 0.5), 0.5)
+    lead.heard(B, 1.2)
+    ran += lead.tick(1.2)                       # A silent for > 1 s
+    assert lead.leader == B
+    assert sorted(r.id for r in ran) == [f"a{i}" for i in range(8)]
+    assert lead.counts.replayed == 3
+    ran2 = lead.request(req(8, B, 1.3), 1.3)
+    assert [r.id for r in ran2] == ["a8"]
+
+
+def test_paused_old_leader_coming_back_causes_no_duplicates():
+    lead = Leadership(peer_timeout_s=1.0, buffer_s=3.0)
+    lead.heard(A, 0.0), lead.heard(B, 0.0)
+    ran = lead.request(req(0, A, 0.1), 0.1) + lead.request(req(0, B, 0.1), 0.1)
+    ran += lead.request(req(1, B, 0.2), 0.2)    # A paused before sending a1
+    lead.heard(B, 1.5)
+    ran += lead.tick(1.5)
+    assert lead.leader == B
+    ran += lead.request(req(1, A, 3.0), 3.0)    # A resumes with stale requests
+    ran += lead.request(req(2, A, 3.0), 3.0)
+    ran += lead.request(req(2, B, 3.0), 3.0)
+    assert lead.leader == B
+    assert sorted(r.id for r in ran) == ["a0", "a1", "a2"]
+    lead.heard(A, 4.2)
+    ran += lead.tick(4.5)                       # now B dies: A takes over, its a1/a2 already ran
+    assert lead.leader == A
+    assert sorted(r.id for r in ran) == ["a0", "a1", "a2"]
+
+
+def test_buffers_expire_and_executed_ids_are_bounded():
+    lead = Leadership(peer_timeout_s=1.0, buffer_s=2.0, capacity=10)
+    lead.heard(A, 0.0)
+    for i in range(3):
+        lead.request(req(i, B, 0.0), 0.0)
+    lead.heard(A, 2.5), lead.heard(B, 2.5)
+    lead.tick(2.5)
+    assert lead.counts.expired == 3 and not lead.buffers.get(B)
+    for i in range(100, 130):
+        lead.request(req(i, A, 3.0), 3.0)
+    assert len(lead.executed) == 10

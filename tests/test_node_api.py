@@ -1,0 +1,162 @@
+"""The api-pe REST API (Congress v1 shapes, error cases, cross-node visibility) on real processes + Redis."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import pytest
+
+from fixtures_redis import wait_for
+
+
+def push_ds(name, sink_url=None, tables=None):
+    config = {"tables": tables or {"vms": {"columns": ["id", "state"]}}}
+    if sink_url:
+        config["action_url"] = sink_url
+    return {"name": name, "driver": "push", "config": config, "description": "test"}
+
+
+@pytest.fixture
+def two_apis(node_cluster):
+    node_cluster.add("dsd", "d1")
+    a = node_cluster.add("api-pe", "n1")
+    b = node_cluster.add("api-pe", "n2")
+    return node_cluster, a, b
+
+
+def test_policy_rule_and_datasource_lifecycle_with_congress_shapes(two_apis, sink):
+    cluster, a, b = two_apis
+    assert a.get("/v1")[1]["id"] == "v1"
+    status, policy = a.request("POST", "/v1/policies", {"name": "classification", "description": "d"})
+    assert status == 201
+    assert set(policy) == {"id", "name", "description", "kind", "abbreviation", "owner_id"}
+    status, ds = a.request("POST", "/v1/data-sources", push_ds("nova", sink.url))
+    assert status == 201 and set(ds) >= {"id", "name", "driver", "config", "description", "enabled"}
+    status, rule = a.request("POST", "/v1/policies/classification/rules",
+                             {"rule": "bad(x) :- nova:vms(id=x, state=\"ERROR\")", "name": "r1", "comment": "c"})
+    assert status == 201 and set(rule) == {"id", "name", "comment", "rule"}
+    # visible on the other node by id and by name
+    wait_for(lambda: b.get(f"/v1/policies/{policy['id']}/rules/{rule['id']}")[0] == 200, 5, what="rule on n2")
+    assert b.get("/v1/policies/classification")[1]["id"] == policy["id"]
+    assert b.get("/v1/data-sources/nova")[1]["id"] == ds["id"]
+    assert [r["id"] for r in b.get("/v1/policies/classification/rules")[1]["results"]] == [rule["id"]]
+
+    assert a.request("PUT", "/v1/data-sources/nova/tables/vms/rows",
+                     [[1, "ACTIVE"], [2, "ERROR"], {"id": 3, "state": "ERROR"}])[0] == 200
+
+    def rows(node, path):
+        status, body = node.get(path)
+        return status == 200 and sorted(tuple(r["data"]) for r in body["results"])
+    for node in (a, b):
+        wait_for(lambda: rows(node, "/v1/policies/classification/tables/bad/rows") == [(2,), (3,)], 5,
+                 what=f"derived rows on {node.node_id}")
+        assert rows(node, "/v1/data-sources/nova/tables/vms/rows") == [(1, "ACTIVE"), (2, "ERROR"), (3, "ERROR")]
+    assert {"id": "bad"} in a.get("/v1/policies/classification/tables")[1]["results"]
+    wait_for(lambda: a.get("/v1/data-sources/nova/status")[1]["number_of_updates"] >= 2, 5, what="ds status")
+
+    assert b.request("DELETE", f"/v1/policies/classification/rules/{rule['id']}")[0] == 200
+    wait_for(lambda: a.get("/v1/policies/classification/rules")[1]["results"] == [], 5, what="rule gone on n1")
+    assert b.request("DELETE", "/v1/data-sources/nova")[0] == 200
+    wait_for(lambda: a.get("/v1/data-sources/nova")[0] == 404, 5, what="datasource gone on n1")
+    assert a.request("DELETE", "/v1/policies/classification")[0] == 200
+    assert b.get("/v1/policies")[1] == {"results": []} or wait_for(
+        lambda: b.get("/v1/policies")[1] == {"results": []}, 5, what="policy gone on n2")
+
+
+def test_error_cases_are_clear_4xx_and_write_nothing(two_apis):
+    cluster, a, b = two_apis
+    assert a.request("POST", "/v1/policies", {"name": "p"})[0] == 201
+    assert a.request("POST", "/v1/policies", {"name": "p"})[0] == 409
+    assert b.request("POST", "/v1/policies", {"name": "p"})[0] == 409
+    assert a.request("POST", "/v1/policies", {"name": "bad name"})[0] == 400
+    status, body = a.request("POST", "/v1/policies/p/rules", {"rule": "q(x) :- r(x"})
+    assert status == 400 and body["error"]["position"] is not None and body["error"]["kind"] == "syntax"
+    status, body = a.request("POST", "/v1/policies/p/rules", {"rule": "q(x) :- r(y)"})
+    assert status == 400 and body["error"]["kind"] == "safety"
+    assert a.request("POST", "/v1/policies/p/rules", {"rule": "q(x) :- r(x)"})[0] == 201
+    assert a.request("POST", "/v1/policies/p/rules", {"rule": "q(x)  :-  r(x)"})[0] == 409
+    assert a.request("POST", "/v1/policies/nope/rules", {"rule": "q(x) :- r(x)"})[0] == 404
+    assert a.get("/v1/policies/nope")[0] == 404
+    assert a.get("/v1/policies/p/rules/nope")[0] == 404
+    assert a.request("DELETE", "/v1/policies/p/rules/nope")[0] == 404
+    assert a.get("/v1/policies/p/tables/nope/rows")[0] == 404
+    assert a.get("/v1/data-sources/nope")[0] == 404
+    assert a.request("POST", "/v1/data-sources", {"name": "x", "driver": "nova", "config": {}})[0] == 400
+    assert a.request("POST", "/v1/data-sources", {"name": "x", "driver": "push",
+                                                  "config": {"tables": {"t": []}}})[0] == 400
+    assert a.request("POST", "/v1/data-sources", push_ds("p"))[0] == 409   # a policy has that name
+    assert a.request("POST", "/v1/data-sources", push_ds("ds1"))[0] == 201
+    assert a.request("PUT", "/v1/data-sources/ds1/tables/vms/rows", [[1]])[0] == 400
+    assert a.request("PUT", "/v1/data-sources/ds1/tables/nope/rows", [])[0] == 404
+    assert a.request("POST", "/v1/data-sources/ds1", {"name": "x"})[0] == 400  # no ?action=execute
+    assert a.request("POST", "/v1/policies/p/rules", {"rule": "w(x) :- foo:t(x, y)"})[0] == 201
+    status, body = a.request("POST", "/v1/data-sources", push_ds("foo", tables={"t": ["a"]}))
+    assert status == 400 and body["error"]["kind"] == "schema"   # rules already use foo:t with 2 columns
+    # nothing half-written: the store holds exactly what succeeded
+    r = cluster.redis.client()
+    assert set(r.hkeys("congress:t:policy-names")) == {"p"}
+    assert set(r.hkeys("congress:t:ds-names")) == {"ds1"}
+    assert r.exists("congress:t:pushed:" + a.get("/v1/data-sources/ds1")[1]["id"] + ":vms") == 0
+    rules = b.get("/v1/policies/p/rules")[1]["results"]
+    assert [x["rule"] for x in rules] == ["q(x) :- r(x)", "w(x) :- foo:t(x, y)"]
+    assert a.get("/v1/openapi.json")[1]["paths"]["/v1/policies/{policy}/rules"]["post"]["summary"]
+
+
+def test_concurrent_datasource_create_through_two_nodes_one_201_one_409(two_apis):
+    cluster, a, b = two_apis
+    for attempt in range(5):
+        name = f"race{attempt}"
+        results = {}
+        barrier = threading.Barrier(2)
+
+        def create(node):
+            barrier.wait()
+            results[node.node_id] = node.request("POST", "/v1/data-sources", push_ds(name))[0]
+        threads = [threading.Thread(target=create, args=(n,)) for n in (a, b)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        assert sorted(results.values()) == [201, 409]
+    assert len(cluster.redis.client().hkeys("congress:t:ds-names")) == 5
+
+
+def test_status_and_healthz_report_bus_peers_leader_and_tables(two_apis, sink):
+    cluster, a, b = two_apis
+    a.request("POST", "/v1/data-sources", push_ds("nova", sink.url))
+
+    def status_complete():
+        st = a.get("/v1/status")[1]
+        return (st["dsd"] and st["dsd"]["leader"] and st["tables"] and st["tables"][0]["dsd_seq"] is not None
+                and {(p["node"], p["role"]) for p in st["peers"] if p["alive"]}
+                >= {("n1", "api-pe"), ("n2", "api-pe"), ("d1", "dsd")}
+                and st)
+    st = wait_for(status_complete, 10, what="complete status")
+    assert st["synced"] and st["bus"]["connected"]
+    assert st["dsd"]["leader"]["node"] in {"n1", "n2"}
+    assert st["tables"][0]["table"] == "nova:vms" and st["tables"][0]["lag"] == 0
+    assert set(st["dsd"]["counts"]) >= {"executed", "ignored", "replayed"}
+    assert a.get("/healthz")[0] == 200
+
+
+def test_sigterm_stops_cleanly_and_unhealthy_without_bus(node_cluster):
+    a = node_cluster.add("api-pe", "n1")
+    d = node_cluster.add("dsd", "d1")
+    node_cluster.redis.stop()
+    wait_for(lambda: a.get("/healthz", timeout=2)[0] == 503, 10, what="503 without bus")
+    node_cluster.redis.start()
+    wait_for(lambda: a.get("/healthz", timeout=2)[0] == 200, 10, what="200 after bus is back")
+    for node in (a, d):
+        started = time.monotonic()
+        node.signal(signal.SIGTERM)
+        node.proc.wait(timeout=10)
+        elapsed = time.monotonic() - started
+        assert node.proc.returncode == 0, node.log_text()[-2000:]
+        print(f"{node.role} stopped in {elapsed:.2f}s")
+        log = node.log_text()
+        assert "stopped, exit code 0" in log
+    lines = [l for l in (node_cluster.dir / "logs" / "n1" / "api-pe.log").read_text().splitlines() if l.strip()]
+    assert lines and all(" n1 api-pe " in l for l in lines if l[:4].isdigit())
+    assert node_cluster.redis.password not in (node_cluster.dir / "logs" / "n1" / "api-pe.log").read_text()

@@ -1,0 +1,161 @@
+"""The DSD node: the http driver, executed ids that survive a restart, and fencing of a stale (paused) DSD."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import signal
+import threading
+import time
+
+import pytest
+
+from fixtures_redis import wait_for
+
+
+class JsonSource:
+    """A real HTTP server that serves a JSON document the test can change, counting GETs."""
+
+    def __init__(self, document):
+        self.document = document
+        self.gets = 0
+        source = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server API
+                source.gets += 1
+                body = json.dumps(source.document).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/servers.json"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def source():
+    s = JsonSource({"data": {"servers": [{"id": "a", "status": "ACTIVE", "ram": 512},
+                                         {"id": "b", "status": "ERROR", "ram": 1024}]}})
+    yield s
+    s.close()
+
+
+def rows(node, path):
+    status, body = node.get(path, timeout=2)
+    return status == 200 and {tuple(r["data"]) for r in body["results"]}
+
+
+def test_http_driver_polls_maps_fields_and_posts_actions(node_cluster, source, sink):
+    node_cluster.add("dsd", "d1")
+    a = node_cluster.add("api-pe", "n1")
+    status, ds = a.request("POST", "/v1/data-sources", {
+        "name": "nova", "driver": "http",
+        "config": {"url": source.url, "poll_interval": 0.2, "action_url": sink.url,
+                   "tables": {"servers": {"columns": ["id", "status"], "path": "data.servers"}}}})
+    assert status == 201, ds
+    assert a.request("POST", "/v1/policies", {"name": "p"})[0] == 201
+    assert a.request("POST", "/v1/policies/p/rules",
+                     {"rule": 'execute[nova:reboot(x)] :- nova:servers(id=x, status="ERROR")'})[0] == 201
+    wait_for(lambda: rows(a, "/v1/data-sources/nova/tables/servers/rows") == {("a", "ACTIVE"), ("b", "ERROR")},
+             10, what="polled rows")
+    source.document = {"data": {"servers": [{"id": "a", "status": "ERROR"}, {"id": "c", "status": "ACTIVE"}]}}
+    wait_for(lambda: rows(a, "/v1/data-sources/nova/tables/servers/rows") == {("a", "ERROR"), ("c", "ACTIVE")},
+             10, what="changed rows")
+    # b was in ERROR from the start, a went into ERROR later: one reboot each
+    wait_for(lambda: sorted(sink.args()) == [("a",), ("b",)], 10, what="reboot(a) and reboot(b) at the sink")
+    body = sink.received[0]
+    assert body["datasource"] == "nova" and body["action"] == "reboot" and len(body["action_id"]) == 32
+    st = a.get("/v1/data-sources/nova/status")[1]
+    assert st["initialized"] and st["number_of_updates"] >= 2 and st["last_error"] is None
+    # removed through the API -> the DSD stops polling
+    assert a.request("DELETE", "/v1/data-sources/nova")[0] == 200
+    time.sleep(0.5)
+    gets = source.gets
+    time.sleep(1.0)
+    assert source.gets == gets
+
+
+def publish_direct(cluster, action_id):
+    """An action request as the API's ?action=execute sends it (runs on any DSD leader state)."""
+    message = {"id": action_id, "ds": "feed", "action": "ping", "args": [1], "pe": "tester", "inc": "1",
+               "direct": True}
+    cluster.redis.client().publish("congress:t:act", json.dumps(message))
+
+
+def test_executed_ids_survive_a_dsd_restart(node_cluster, sink):
+    dsd = node_cluster.add("dsd", "d1")
+    a = node_cluster.add("api-pe", "n1")
+    assert a.request("POST", "/v1/data-sources", {"name": "feed", "driver": "push", "config": {
+        "tables": {"items": ["id"]}, "action_url": sink.url}})[0] == 201
+    wait_for(lambda: a.get("/v1/status")[1]["tables"][0]["dsd_seq"], 10, what="feed running on the DSD")
+    publish_direct(node_cluster, "once-1")
+    wait_for(lambda: sink.ids() == ["once-1"], 10, what="first execution")
+    dsd.stop()
+    dsd.start()
+    wait_for(lambda: (s := a.get("/v1/status")[1]["dsd"]) and s["incarnation"] and s["epoch"] == 2, 10,
+             what="restarted DSD heartbeats")
+    wait_for(lambda: a.get("/v1/status")[1]["tables"][0]["epoch"] == 2, 10, what="feed republished")
+    publish_direct(node_cluster, "once-1")
+    publish_direct(node_cluster, "once-2")
+    wait_for(lambda: "once-2" in sink.ids(), 10, what="second action")
+    time.sleep(0.3)
+    assert sorted(sink.ids()) == ["once-1", "once-2"]
+    # the API's execute endpoint goes the same way
+    status, body = a.request("POST", "/v1/data-sources/feed?action=execute",
+                             {"name": "ping", "args": {"positional": [7]}})
+    assert status == 200
+    wait_for(lambda: body["action_id"] in sink.ids(), 10, what="API-triggered action")
+
+
+@pytest.mark.slow
+def test_paused_dsd_replaced_by_a_new_one_stops_itself(node_cluster, sink):
+    old = node_cluster.add("dsd", "d1")
+    a = node_cluster.add("api-pe", "n1")
+    assert a.request("POST", "/v1/data-sources", {"name": "feed", "driver": "push", "config": {
+        "tables": {"items": ["id"]}, "action_url": sink.url}})[0] == 201
+    wait_for(lambda: a.get("/v1/status")[1]["tables"][0]["epoch"] == 1, 10, what="epoch 1")
+    old.signal(signal.SIGSTOP)
+    new = node_cluster.add("dsd", "d2")
+    wait_for(lambda: a.get("/v1/status")[1]["tables"][0]["epoch"] == 2, 10, what="epoch 2 from the new DSD")
+    old.signal(signal.SIGCONT)
+    old.proc.wait(timeout=15)
+    assert old.proc.returncode == 1
+    assert "superseded" in old.log_text()
+    assert new.alive()
+    assert a.request("PUT", "/v1/data-sources/feed/tables/items/rows", [[1], [2]])[0] == 200
+    wait_for(lambda: rows(a, "/v1/data-sources/feed/tables/items/rows") == {(1,), (2,)}, 10, what="new DSD serving")
+
+
+def test_action_requested_while_no_dsd_runs_is_executed_once_by_the_next(node_cluster, sink):
+    dsd = node_cluster.add("dsd", "d1")
+    a = node_cluster.add("api-pe", "n1")
+    b = node_cluster.add("api-pe", "n2")
+    assert a.request("POST", "/v1/data-sources", {"name": "feed", "driver": "push", "config": {
+        "tables": {"items": ["id"]}, "action_url": sink.url}})[0] == 201
+    assert a.request("PUT", "/v1/data-sources/feed/tables/items/rows", [[1]])[0] == 200
+    wait_for(lambda: rows(b, "/v1/data-sources/feed/tables/items/rows") == {(1,)}, 10, what="row 1 on n2")
+    assert a.request("POST", "/v1/policies", {"name": "p"})[0] == 201
+    assert a.request("POST", "/v1/policies/p/rules", {"rule": "execute[feed:hello(x)] :- feed:items(id=x)"})[0] == 201
+    wait_for(lambda: sink.args() == [(1,)], 10, what="hello(1)")
+    dsd.signal(signal.SIGKILL)
+    dsd.proc.wait(5)
+    # a rule added while no DSD runs: both PEs request hello2(1); nobody hears it
+    assert b.request("POST", "/v1/policies/p/rules", {"rule": "execute[feed:hello2(x)] :- feed:items(id=x)"})[0] == 201
+    time.sleep(0.3)
+    dsd.start()
+    wait_for(lambda: ("hello2", 1) in {(r["action"], r["args"][0]) for r in sink.received}, 10,
+             what="hello2(1) executed by the new DSD")
+    time.sleep(1.5)
+    assert sorted((r["action"], tuple(r["args"])) for r in sink.received) == [("hello", (1,)), ("hello2", (1,))]
+    assert a.get("/v1/status")[1]["actions"]["resent"] >= 1

@@ -1,0 +1,105 @@
+"""Exactly-once actions across a PE leader change: kill -9 and SIGSTOP of the DSD's leader mid-stream.
+
+Two api-pe processes, one dsd, a real HTTP sink counting actions by id. Every pushed row triggers one
+action; after the stream, every row's action must have reached the sink exactly once. The time the DSD took
+to change leader is measured and printed (not asserted: the machine is shared and noisy).
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+from fixtures_redis import wait_for
+
+WINDOW = 5
+
+
+def setup_stream(cluster, sink, dsd_extra=None):
+    dsd = cluster.add("dsd", "d1", extra=dsd_extra)
+    a = cluster.add("api-pe", "n1")
+    b = cluster.add("api-pe", "n2")
+    assert a.request("POST", "/v1/data-sources", {
+        "name": "feed", "driver": "push",
+        "config": {"tables": {"items": {"columns": ["id"]}}, "action_url": sink.url}})[0] == 201
+    assert a.request("POST", "/v1/policies", {"name": "p"})[0] == 201
+    assert a.request("POST", "/v1/policies/p/rules", {"rule": "execute[feed:notify(x)] :- feed:items(id=x)"})[0] == 201
+    wait_for(lambda: b.get("/v1/policies/p/rules")[1]["results"], 5, what="rule on n2")
+    return dsd, a, b
+
+
+def leader_of(node):
+    status, body = node.get("/v1/status", timeout=2)
+    leader = status == 200 and body["dsd"] and body["dsd"]["leader"]
+    return leader["node"] if leader else None
+
+
+def push(node, k):
+    """Table = a sliding window of WINDOW rows ending at k: each push makes exactly one new row appear."""
+    rows = [[i] for i in range(max(0, k - WINDOW + 1), k + 1)]
+    status, _ = node.request("PUT", "/v1/data-sources/feed/tables/items/rows", rows, timeout=5)
+    assert status == 200
+
+
+def assert_exactly_once(sink, n):
+    wait_for(lambda: len(sink.ids()) >= n, 20, what=f"{n} actions at the sink (have {len(sink.ids())})")
+    time.sleep(1.5)   # give duplicates (if any) time to arrive: buffered window is 2 x peer_timeout + 1 s
+    ids, args = sink.ids(), sink.args()
+    assert len(ids) == len(set(ids)), f"duplicate action ids: {len(ids) - len(set(ids))}"
+    assert sorted(a[0] for a in args) == list(range(n)), "each row's action exactly once"
+
+
+def dsd_counts(node):
+    return node.get("/v1/status")[1]["dsd"]["counts"]
+
+
+@pytest.mark.slow
+def test_kill_leader_mid_stream_every_action_exactly_once(node_cluster, sink):
+    dsd, a, b = setup_stream(node_cluster, sink)
+    leader_id = wait_for(lambda: leader_of(a), 10, what="a DSD leader")
+    leader, survivor = (a, b) if leader_id == "n1" else (b, a)
+    n = 120
+    killed_at = None
+    for k in range(n):
+        push(survivor, k)
+        if k == 40:
+            leader.signal(signal.SIGKILL)
+            killed_at = time.time()
+        time.sleep(0.01)
+    wait_for(lambda: leader_of(survivor) == survivor.node_id, 10, what="leader change to the survivor")
+    changed = survivor.get("/v1/status")[1]["dsd"]["leader_since"]
+    print(f"DSD changed leader {changed - killed_at:.3f}s after kill -9 (peer_timeout 0.5s, heartbeat 0.1s)")
+    assert changed > killed_at
+    assert_exactly_once(sink, n)
+    counts = dsd_counts(survivor)
+    print("dsd counts:", counts)
+    assert counts["leader_changes"] >= 2 and counts["executed"] == n
+
+
+@pytest.mark.slow
+def test_pause_leader_then_resume_still_exactly_once(node_cluster, sink):
+    dsd, a, b = setup_stream(node_cluster, sink)
+    leader_id = wait_for(lambda: leader_of(a), 10, what="a DSD leader")
+    leader, survivor = (a, b) if leader_id == "n1" else (b, a)
+    n = 120
+    paused_at = None
+    for k in range(n):
+        push(survivor, k)
+        if k == 30:
+            leader.signal(signal.SIGSTOP)
+            paused_at = time.monotonic()
+        if paused_at and k == 60:
+            left = 1.5 - (time.monotonic() - paused_at)   # paused for 3 x peer_timeout in all
+            if left > 0:
+                time.sleep(left)
+            leader.signal(signal.SIGCONT)
+        time.sleep(0.01)
+    wait_for(lambda: leader_of(survivor) == survivor.node_id, 10, what="leader moved to the survivor")
+    wait_for(lambda: leader.get("/healthz", timeout=2)[0] == 200, 10, what="paused PE back and synced")
+    assert_exactly_once(sink, n)
+    assert leader_of(survivor) == survivor.node_id   # sticky: the resumed PE does not take it back
+    counts = dsd_counts(survivor)
+    print("dsd counts:", counts)
+    assert counts["executed"] == n
