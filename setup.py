@@ -18,6 +18,7 @@ setup(
         "starlette>=0.37",
         "uvicorn>=0.29",
         "httpx>=0.27",
+        "packaging>=23.0",
         "uvloop>=0.19",
         "httptools>=0.6",
         "hiredis>=2.0",

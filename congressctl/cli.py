@@ -46,15 +46,15 @@ def emit(rows: list[dict], output: str, title: str | None = None, columns: list[
     for column in columns:
         table.add_column(column)
     for row in rows:
-        table.add_row(*(_cell(row.get(c)) for c in columns))
+        table.add_row(*(_cell(c, row.get(c)) for c in columns))
     out.print(table)
 
 
-def _cell(value: Any) -> str:
-    if value is True:
-        return "[green]ok[/]"
-    if value is False:
-        return "[red]FAIL[/]"
+def _cell(column: str, value: Any) -> str:
+    if isinstance(value, bool) and column == "ok":
+        return "[green]ok[/]" if value else "[red]FAIL[/]"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     if value is None:
         return ""
     if isinstance(value, (list, tuple)):
@@ -321,9 +321,7 @@ def lab_exec(node: str, command: tuple[str, ...], name: str, lab_dir: Path | Non
     """
     from congressctl import lab as labmod
 
-    proc = labmod.lab_exec(labmod.lab_load(name=name, dir=lab_dir), node, list(command), timeout=None)
-    sys.stdout.write(proc.stdout.decode(errors="replace") if isinstance(proc.stdout, bytes) else proc.stdout or "")
-    sys.stderr.write(proc.stderr.decode(errors="replace") if isinstance(proc.stderr, bytes) else proc.stderr or "")
+    proc = labmod.lab_exec(labmod.lab_load(name=name, dir=lab_dir), node, list(command), timeout=None, stream=True)
     sys.exit(proc.returncode)
 
 

@@ -20,10 +20,15 @@ import subprocess
 import tempfile
 import sys
 import time
+import threading
 import xml.etree.ElementTree as ET
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 import congressctl
 from congressctl import remote, verify
@@ -150,20 +155,50 @@ def source_digest(root: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def build_wheelhouse(state_dir: Path, timeout: float = 600) -> Wheelhouse:
-    """congressctl's wheel plus every dependency's, built once per source digest (hosts need no index)."""
+def build_wheelhouse(state_dir: Path, python_version: str, timeout: float = 600) -> Wheelhouse:
+    """congressctl's wheel plus every dependency's for the hosts' Python (hosts need no package index).
+
+    Built once per (source digest, host Python version). pip resolves for the local interpreter, so
+    dependencies whose markers hold only on the hosts' version (e.g. async-timeout below 3.11.3) are added.
+    """
     root = project_root()
-    digest = source_digest(root)
+    digest = f"{source_digest(root)}-py{python_version}"
     folder = state_dir / "wheelhouse" / digest
     if not (folder / ".complete").exists():
         folder.mkdir(parents=True, exist_ok=True)
-        proc = subprocess.run(
-            [sys.executable, "-m", "pip", "wheel", "--quiet", "-w", str(folder),
-             str(root)], capture_output=True, text=True, timeout=timeout)
-        if proc.returncode != 0:
-            raise DeployError(f"building the wheelhouse failed: {proc.stderr.strip()[-1500:]}", step="wheel")
+        _pip(["wheel", "--quiet", "-w", str(folder), str(root)], timeout)
+        for requirement in _missing_for(folder, python_version):
+            _pip(["download", "--quiet", "--no-deps", "--only-binary=:all:", "-d", str(folder), requirement], timeout)
         (folder / ".complete").write_text(digest)
     return Wheelhouse(digest=digest, wheels=sorted(folder.glob("*.whl")))
+
+
+def _pip(args: list[str], timeout: float) -> None:
+    proc = subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise DeployError(f"building the wheelhouse failed (pip {args[0]}): {proc.stderr.strip()[-1500:]}",
+                          step="wheel")
+
+
+def _missing_for(folder: Path, python_version: str) -> list[str]:
+    """Requirements of the wheels in `folder` that apply on `python_version` but have no wheel there."""
+    env = {"python_full_version": python_version, "python_version": ".".join(python_version.split(".")[:2])}
+    have = {canonicalize_name(w.name.split("-")[0]) for w in folder.glob("*.whl")}
+    missing = []
+    for wheel in folder.glob("*.whl"):
+        with zipfile.ZipFile(wheel) as zf:
+            meta = next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))
+            lines = zf.read(meta).decode(errors="replace").splitlines()
+        for line in lines:
+            if not line.startswith("Requires-Dist:"):
+                continue
+            req = Requirement(line.split(":", 1)[1].strip())
+            if req.marker and "extra" in str(req.marker):
+                continue
+            if (req.marker is None or req.marker.evaluate(env)) and canonicalize_name(req.name) not in have:
+                missing.append(str(Requirement(f"{req.name}{req.specifier}")))
+                have.add(canonicalize_name(req.name))
+    return missing
 
 
 # ---------------------------------------------------------------------------------------------- hosts
@@ -206,12 +241,12 @@ def deploy(inv: Inventory, *, accept_new_host_keys: bool = False, dry_run: bool 
         return _dry_run(inv, accept_new_host_keys, progress, max_workers, started)
     secrets = load_or_create_secrets(inv)
     rendered = render_all(inv, secrets)
-    wheelhouse = build_wheelhouse(inv.state_dir)
+    wheelhouses = _Wheelhouses(inv.state_dir)
     nodes = {n.name: n for n in inv.nodes}
     reports = {n.name: HostReport(n.name) for n in inv.nodes}
 
     def push(host: remote.Host) -> None:
-        _push_host(inv, nodes[host.name], rendered[host.name], wheelhouse, reports[host.name],
+        _push_host(inv, nodes[host.name], rendered[host.name], wheelhouses, reports[host.name],
                    accept_new_host_keys, progress)
 
     hosts = [host_of(inv, n) for n in inv.nodes]
@@ -241,18 +276,34 @@ def _collect(group: remote.GroupResult, reports: dict[str, HostReport]) -> None:
         report.step = outcome.step or report.step
 
 
-def _push_host(inv: Inventory, node: Node, files: list[RenderedFile], wheelhouse: Wheelhouse, report: HostReport,
+def _push_host(inv: Inventory, node: Node, files: list[RenderedFile], wheelhouses: "_Wheelhouses", report: HostReport,
                accept_new: bool, progress: Progress | None) -> None:
     step = _Steps(report, progress)
     step("connect")
     with _failing_as(report), connect(inv, node, accept_new) as conn:
         step("install congressctl")
-        report.installed = _install_package(conn, wheelhouse)
+        version = conn.run("python3 -c 'import platform; print(platform.python_version())'", timeout=30).stdout
+        report.installed = _install_package(conn, wheelhouses.get(version.strip()))
         step("push files")
         for f in files:
             if conn.put_file(f.path, f.content, mode=f.mode, owner=f.owner):
                 report.changed.append(f.path)
         step("files pushed")
+
+
+class _Wheelhouses:
+    """One wheelhouse per host Python version, built once even when several hosts ask at the same time."""
+
+    def __init__(self, state_dir: Path):
+        self.state_dir = state_dir
+        self.lock = threading.Lock()
+        self.built: dict[str, Wheelhouse] = {}
+
+    def get(self, python_version: str) -> Wheelhouse:
+        with self.lock:
+            if python_version not in self.built:
+                self.built[python_version] = build_wheelhouse(self.state_dir, python_version)
+            return self.built[python_version]
 
 
 class _failing_as:
