@@ -40,11 +40,26 @@ render-demo: install
 	$(BIN)/congressctl validate -i inventory.example.yaml
 	$(BIN)/congressctl render -i inventory.example.yaml -o out/example
 
+LAB_DIR ?= labs/lab
+
+# The main job: check the example inventory with the real tools, make a 3-host lab, deploy onto it over SSH.
 demo: render-demo
+	@echo "== making a 3-host lab (network + mount namespaces, own sshd each) in $(LAB_DIR)" >&2
+	$(BIN)/congressctl lab up --nodes 3 --name lab --dir $(LAB_DIR)
+	@echo "== deploying over SSH: corosync, pacemaker, redis, haproxy, api-pe and dsd nodes" >&2
+	$(BIN)/congressctl deploy -i $(LAB_DIR)/inventory.yaml
+	@echo "== a second deploy changes nothing" >&2
+	$(BIN)/congressctl deploy -i $(LAB_DIR)/inventory.yaml
+	@echo "== where Pacemaker placed everything (from n1)" >&2
+	$(BIN)/congressctl lab exec n1 --name lab --dir $(LAB_DIR) -- crm_mon -1
+	@echo "== the API through the VIP" >&2
+	curl -s http://10.213.0.100:1789/v1/status; echo
+	@echo "== done. Tear the lab down with: $(BIN)/congressctl lab down --name lab --dir $(LAB_DIR)" >&2
 
 bench: install
 	$(PY) bench/render.py
 	$(PY) bench/engine.py
+	$(PY) bench/bus.py
 
 clean:
 	rm -rf out build dist *.egg-info
