@@ -437,12 +437,20 @@ def _wait_ready(conn: remote.Connection, inv: Inventory, result: DeployResult, d
     while time.monotonic() < deadline:
         placement = cluster_placement(conn)
         problems = verify.placement_problems(inv, placement) if placement else ["crm_mon did not answer"]
+        if not problems and not _api_healthy(conn, inv):
+            problems = [f"the API through the VIP {inv.vip.address}:{inv.api_port} is not healthy yet"]
         if not problems:
             result.ready = True
             result.problems = []
             return
         time.sleep(1)
     result.problems = problems
+
+
+def _api_healthy(conn: remote.Connection, inv: Inventory) -> bool:
+    """HAProxy on the VIP has a healthy api-pe behind it (its checks passed and the PE is synced)."""
+    url = f"http://{inv.vip.address}:{inv.api_port}/healthz"
+    return conn.run(f"curl -sf -m 2 -o /dev/null {shlex.quote(url)}", timeout=10, check=False).exit_code == 0
 
 
 # ---------------------------------------------------------------------------------------------- dry run
