@@ -1,0 +1,137 @@
+"""congressctl deploy against the shared lab: real sshd, corosync, pacemaker, redis, haproxy, congress nodes."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from congressctl import lab as labmod
+from congressctl import verify
+from fixtures_cluster import congressctl
+
+pytestmark = pytest.mark.lab
+
+
+def _exec(cluster, host: str, *argv: str) -> str:
+    proc = labmod.lab_exec(cluster.lab, host, list(argv), timeout=60)
+    out = proc.stdout.decode() if isinstance(proc.stdout, bytes) else proc.stdout
+    assert proc.returncode == 0, f"{argv} on {host}: {proc.stderr}"
+    return out
+
+
+def _placement(cluster) -> verify.Placement:
+    return verify.parse_crm_mon(_exec(cluster, "n1", "crm_mon", "-1", "--output-as=xml"))
+
+
+def _start_times(cluster) -> dict[str, str]:
+    """Process start times of the cluster stack and congress nodes on every host."""
+    times = {}
+    for host in cluster.inv.nodes:
+        out = _exec(cluster, host.name, "ps", "-eo", "pid,lstart,args", "--no-headers")
+        for line in out.splitlines():
+            if any(p in line for p in ("corosync", "pacemakerd", "congressctl serve", "redis-server", "haproxy")):
+                times[f"{host.name}:{line.split()[0]}"] = line
+    return times
+
+
+def test_first_deploy_starts_everything_in_place(cluster) -> None:
+    assert cluster.first_deploy["ok"] and cluster.first_deploy["cib_loaded"]
+    placement = _placement(cluster)
+    assert verify.placement_problems(cluster.inv, placement) == []
+    assert placement.on("dsd") == [cluster.inv.dsd_preference[0]]
+    assert placement.on("api-pe") == sorted(n.name for n in cluster.inv.with_role("api-pe"))
+    assert placement.quorum and sorted(placement.online) == sorted(n.name for n in cluster.inv.nodes)
+
+
+def test_api_answers_through_the_vip_and_policies_reach_every_node(cluster) -> None:
+    vip = f"http://{cluster.inv.vip.address}:{cluster.inv.api_port}"
+    assert httpx.get(f"{vip}/v1", timeout=5).status_code == 200
+    created = httpx.post(f"{vip}/v1/policies", json={"name": "deploytest", "description": "from the test"},
+                         timeout=5)
+    assert created.status_code == 201, created.text
+    for node in cluster.inv.with_role("api-pe"):
+        deadline = time.monotonic() + 5
+        while True:
+            names = [p["name"] for p in httpx.get(f"http://{node.address}:{cluster.inv.api_port}/v1/policies",
+                                                  timeout=5).json()["results"]]
+            if "deploytest" in names or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert "deploytest" in names, f"policy not visible on {node.name}"
+
+
+def test_second_deploy_changes_nothing_and_restarts_nothing(cluster) -> None:
+    before = _start_times(cluster)
+    proc = congressctl("deploy", "-i", str(cluster.inventory_path), "--output", "json", check=True)
+    result = json.loads(proc.stdout)
+    assert result["ok"] and not result["changed"] and not result["cib_loaded"]
+    assert all(not h["changed"] and not h["restarted"] and not h["installed"] for h in result["hosts"].values())
+    assert "no change" in proc.stderr
+    assert _start_times(cluster) == before
+
+
+def _changed_inventory(cluster, tmp_path: Path) -> Path:
+    data = yaml.safe_load(cluster.inventory_path.read_text())
+    data.setdefault("timings", {})["full_sync_interval_s"] = 31
+    for key in ("key", "known_hosts"):
+        data["ssh"][key] = str((cluster.inventory_path.parent / data["ssh"][key]).resolve())
+    data["state_dir"] = str((cluster.inventory_path.parent / data.get("state_dir", ".congressctl-state")).resolve())
+    path = tmp_path / "inventory.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_dry_run_shows_the_diff_and_touches_nothing(cluster, tmp_path: Path) -> None:
+    before = _exec(cluster, "n2", "cat", "/etc/congressctl/congress.yaml")
+    proc = congressctl("deploy", "-i", str(_changed_inventory(cluster, tmp_path)), "--dry-run", check=True)
+    assert "-timings: {heartbeat_interval_ms: 200, peer_timeout_ms: 1000, full_sync_interval_s: 30}" in proc.stdout
+    assert "full_sync_interval_s: 31}" in proc.stdout
+    assert "/etc/congressctl/congress.yaml" in proc.stdout
+    assert _exec(cluster, "n2", "cat", "/etc/congressctl/congress.yaml") == before
+
+
+def test_unknown_host_key_is_refused(cluster, tmp_path: Path) -> None:
+    data = yaml.safe_load(cluster.inventory_path.read_text())
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    data["ssh"]["known_hosts"] = str(empty)
+    data["ssh"]["key"] = str((cluster.inventory_path.parent / data["ssh"]["key"]).resolve())
+    data["state_dir"] = str((cluster.inventory_path.parent / data.get("state_dir", ".congressctl-state")).resolve())
+    path = tmp_path / "inv.yaml"
+    path.write_text(yaml.safe_dump(data))
+    proc = congressctl("deploy", "-i", str(path), "--output", "json")
+    assert proc.returncode != 0
+    result = json.loads(proc.stdout)
+    assert all(not h["ok"] and h["step"] == "connect" for h in result["hosts"].values())
+    assert all("known" in h["error"].lower() or "host key" in h["error"].lower() for h in result["hosts"].values())
+    assert empty.read_text() == ""
+
+
+def test_unreachable_host_fails_rolls_back_and_next_deploy_converges(cluster, tmp_path: Path) -> None:
+    changed = _changed_inventory(cluster, tmp_path)
+    before = {n.name: _exec(cluster, n.name, "cat", "/etc/congressctl/congress.yaml") for n in cluster.inv.nodes}
+    _exec(cluster, "n3", "ip", "link", "set", "eth0", "down")
+    try:
+        proc = congressctl("deploy", "-i", str(changed), "--output", "json", timeout=300)
+    finally:
+        _exec(cluster, "n3", "ip", "link", "set", "eth0", "up")
+    assert proc.returncode != 0
+    result = json.loads(proc.stdout)
+    assert not result["hosts"]["n3"]["ok"] and result["hosts"]["n3"]["step"] == "connect"
+    for name in ("n1", "n2"):
+        assert result["hosts"][name]["ok"]
+        assert "/etc/congressctl/congress.yaml" in result["hosts"][name]["rolled_back"]
+        assert _exec(cluster, name, "cat", "/etc/congressctl/congress.yaml") == before[name]
+    time.sleep(1)
+    again = congressctl("deploy", "-i", str(changed), "--output", "json", timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    for node in cluster.inv.nodes:
+        assert "full_sync_interval_s: 31" in _exec(cluster, node.name, "cat", "/etc/congressctl/congress.yaml")
+    back = congressctl("deploy", "-i", str(cluster.inventory_path), "--output", "json", timeout=600)
+    assert back.returncode == 0, back.stderr[-3000:]
+    assert verify.placement_problems(cluster.inv, _placement(cluster)) == []
