@@ -17,7 +17,6 @@ import os
 import secrets as pysecrets
 import shlex
 import subprocess
-import tempfile
 import sys
 import time
 import threading
@@ -34,7 +33,7 @@ import congressctl
 from congressctl import remote, verify
 from congressctl.errors import CongressctlError, DeployError
 from congressctl.inventory import Inventory, Node
-from congressctl.render import CIB_PATH, SBIN_DIR, RenderedFile, Secrets, render_all
+from congressctl.render import CIB_PATH, SBIN_DIR, RenderedFile, Secrets, atomic_write, render_all
 
 VENV = "/opt/congressctl"
 WHEELS = f"{VENV}/wheels"
@@ -123,15 +122,7 @@ def _bus_password(inv: Inventory, create: bool) -> str | None:
 
 def _write_secret(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, data, 0o600)
 
 
 # ---------------------------------------------------------------------------------------------- wheelhouse

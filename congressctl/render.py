@@ -128,16 +128,17 @@ def render_all(inv: Inventory, secrets: Secrets | None = None) -> dict[str, list
 
 def write_tree(rendered: dict[str, list[RenderedFile]], cib: bytes, out: Path) -> list[Path]:
     """Write `out/<node>/<file>` and `out/cib.xml`, each atomically; returns the paths written."""
-    written = [_atomic_write(out / "cib.xml", cib, 0o644)]
+    written = [atomic_write(out / "cib.xml", cib, 0o644)]
     for node, files in sorted(rendered.items()):
         for f in files:
             if f.path == CIB_PATH:
                 continue
-            written.append(_atomic_write(out / node / f.name, f.content, f.mode))
+            written.append(atomic_write(out / node / f.name, f.content, f.mode))
     return written
 
 
-def _atomic_write(path: Path, data: bytes, mode: int) -> Path:
+def atomic_write(path: Path, data: bytes, mode: int) -> Path:
+    """Write a local file via a temp file in the same folder and a rename; the mode is set before any byte."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
