@@ -43,7 +43,7 @@ def test_first_deploy_starts_everything_in_place(cluster) -> None:
     assert cluster.first_deploy["ok"] and cluster.first_deploy["cib_loaded"]
     placement = _placement(cluster)
     assert verify.placement_problems(cluster.inv, placement) == []
-    assert placement.on("dsd") == [cluster.inv.dsd_preference[0]]
+    assert len(placement.on("dsd")) == 1 and placement.on("dsd")[0] in cluster.inv.dsd_preference
     assert placement.on("api-pe") == sorted(n.name for n in cluster.inv.with_role("api-pe"))
     assert placement.quorum and sorted(placement.online) == sorted(n.name for n in cluster.inv.nodes)
 
