@@ -373,7 +373,7 @@ def _configure_cluster(inv: Inventory, reports: dict[str, HostReport], result: D
             with connect(inv, node) as conn:
                 if progress:
                     progress(node.name, "load CIB")
-                existed = _load_cib(conn, CIB_PATH in changed_paths, result, deadline)
+                existed = _load_cib(conn, inv, CIB_PATH in changed_paths, result, deadline)
                 if existed:
                     _restart_changed(conn, changed_paths, result)
                 if progress:
@@ -385,8 +385,28 @@ def _configure_cluster(inv: Inventory, reports: dict[str, HostReport], result: D
     result.problems += errors or ["no host could configure the cluster"]
 
 
-def _load_cib(conn: remote.Connection, changed: bool, result: DeployResult, deadline: float) -> bool:
+def _wait_membership(conn: remote.Connection, inv: Inventory, deadline: float) -> None:
+    """Wait for a quorate cluster with every node online.
+
+    A CIB replaced before the nodes have joined is local-only: the DC's CIB sync then overwrites it.
+    """
+    want = sorted(n.name for n in inv.nodes)
+    seen = "crm_mon did not answer"
+    while time.monotonic() < deadline:
+        placement = cluster_placement(conn)
+        if placement and placement.quorum and sorted(placement.online) == want:
+            return
+        if placement:
+            seen = f"online: {', '.join(placement.online) or 'none'}; quorum: {placement.quorum}"
+        time.sleep(1)
+    raise DeployError(f"the cluster did not form with every node online ({seen})", host=conn.host.name,
+                      step="load CIB")
+
+
+def _load_cib(conn: remote.Connection, inv: Inventory, changed: bool, result: DeployResult,
+              deadline: float) -> bool:
     """Replace the CIB's configuration when it changed or is not ours yet; True when ours was already there."""
+    _wait_membership(conn, inv, deadline)
     while True:
         current = conn.run("cibadmin --query --scope resources", timeout=20, check=False)
         if current.exit_code == 0:
@@ -398,11 +418,15 @@ def _load_cib(conn: remote.Connection, changed: bool, result: DeployResult, dead
     existed = 'id="api-pe-clone"' in current.stdout
     if existed and not changed:
         return True
+    _replace_cib(conn)
+    result.cib_loaded = True
+    return existed
+
+
+def _replace_cib(conn: remote.Connection) -> None:
     cib = conn.read_file(CIB_PATH)
     configuration = ET.tostring(ET.fromstring(cib).find("configuration"), encoding="unicode")
     conn.run("cibadmin --replace --scope configuration --xml-pipe", timeout=60, input=configuration)
-    result.cib_loaded = True
-    return existed
 
 
 def _restart_changed(conn: remote.Connection, changed_paths: set[str], result: DeployResult) -> None:
@@ -428,6 +452,8 @@ def _wait_ready(conn: remote.Connection, inv: Inventory, result: DeployResult, d
     while time.monotonic() < deadline:
         placement = cluster_placement(conn)
         problems = verify.placement_problems(inv, placement) if placement else ["crm_mon did not answer"]
+        if placement and not placement.running and not placement.stopped:
+            _replace_cib(conn)
         if not problems and not _api_healthy(conn, inv):
             problems = [f"the API through the VIP {inv.vip.address}:{inv.api_port} is not healthy yet"]
         if not problems:
