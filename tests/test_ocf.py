@@ -36,8 +36,11 @@ def test_ocf_tester_passes(agent, role, node_cluster, tmp_path):
     from conftest import free_port
     config = node_cluster.write_config("ocf1", role, free_port())
     pidfile = tmp_path / f"{agent}.pid"
-    result = run_ocf_tester(agent, {"config": str(config), "binary": binary(), "pidfile": str(pidfile)})
-    assert result.returncode == 0, result.stdout + result.stderr
+    logfile = tmp_path / f"{agent}.log"
+    result = run_ocf_tester(agent, {"config": str(config), "binary": binary(), "pidfile": str(pidfile),
+                                    "logfile": str(logfile)})
+    log = logfile.read_text()[-3000:] if logfile.exists() else "(no log)"
+    assert result.returncode == 0, f"{result.stdout}{result.stderr}\nnode log:\n{log}"
     assert "passed all tests" in result.stdout + result.stderr
     assert not pidfile.exists()
 
