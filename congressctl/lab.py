@@ -408,7 +408,8 @@ def _log_tail(lab: Lab, h: LabHost) -> str:
 
 
 def _inventory(lab: Lab) -> dict:
-    dsd = [h.name for h in lab.hosts[:3]]
+    """n1 carries the one bus; the DSD prefers the other hosts, so losing one host never takes both."""
+    dsd = [h.name for h in lab.hosts[1:3]] + [lab.hosts[0].name]
     nodes = []
     for i, h in enumerate(lab.hosts):
         roles = ["api-pe"] + (["dsd"] if h.name in dsd else []) + (["bus"] if i == 0 else [])
