@@ -40,9 +40,11 @@ WHEELS = f"{VENV}/wheels"
 STAMP = f"{VENV}/.wheelhouse"
 CLUSTER_SCRIPT = f"{SBIN_DIR}/congressctl-cluster"
 # A changed file -> the Pacemaker resources that read it and must restart to see it.
+PACKAGE = f"{VENV} (congressctl package)"
 RESTART_ON_CHANGE = {
     "/etc/haproxy/haproxy.cfg": "haproxy",
     "/etc/congressctl/congress.yaml": ("api-pe-clone", "dsd"),
+    PACKAGE: ("api-pe-clone", "dsd"),
 }
 
 Progress = Callable[[str, str], None]
@@ -367,6 +369,8 @@ def _configure_cluster(inv: Inventory, reports: dict[str, HostReport], result: D
     """Load the CIB and restart what changed, through one host (the first that answers), then wait."""
     deadline = time.monotonic() + wait_timeout
     changed_paths = {p for r in reports.values() for p in r.changed}
+    if any(r.installed for r in reports.values()):
+        changed_paths.add(PACKAGE)
     errors = []
     for node in inv.nodes:
         try:
@@ -430,14 +434,15 @@ def _replace_cib(conn: remote.Connection) -> None:
 
 
 def _restart_changed(conn: remote.Connection, changed_paths: set[str], result: DeployResult) -> None:
+    due: list[str] = []
     for path, resources in RESTART_ON_CHANGE.items():
-        if path not in changed_paths:
-            continue
-        for resource in (resources,) if isinstance(resources, str) else resources:
-            proc = conn.run(f"crm_resource --resource {shlex.quote(resource)} --restart --timeout=60s",
-                            timeout=90, check=False)
-            if proc.exit_code == 0:
-                result.restarted_resources.append(resource)
+        if path in changed_paths:
+            due += [r for r in ((resources,) if isinstance(resources, str) else resources) if r not in due]
+    for resource in due:
+        proc = conn.run(f"crm_resource --resource {shlex.quote(resource)} --restart --timeout=60s",
+                        timeout=90, check=False)
+        if proc.exit_code == 0:
+            result.restarted_resources.append(resource)
 
 
 def cluster_placement(conn: remote.Connection) -> verify.Placement | None:
