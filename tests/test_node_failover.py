@@ -103,3 +103,14 @@ def test_pause_leader_then_resume_still_exactly_once(node_cluster, sink):
     counts = dsd_counts(survivor)
     print("dsd counts:", counts)
     assert counts["executed"] == n
+
+
+def test_a_pe_started_after_the_policy_exists_sends_actions(node_cluster, sink):
+    """A PE that loads a policy at startup (not through a notice) must derive and send its actions too."""
+    dsd, a, b = setup_stream(node_cluster, sink)
+    late = node_cluster.add("api-pe", "n3")
+    node_cluster.wait_healthy(late)
+    for k in range(10):
+        push(a, k)
+    wait_for(lambda: late.get("/v1/status")[1]["actions"]["sent"] >= 10, 10,
+             what=f"n3's action requests (status: {late.get('/v1/status')[1]['actions']})")

@@ -243,8 +243,9 @@ class HttpPoster:
     retries once on a fresh connection when a kept-alive one turns out to be closed.
     """
 
-    def __init__(self, timeout: float = HTTP_TIMEOUT_S):
+    def __init__(self, timeout: float = HTTP_TIMEOUT_S, executor: str = ""):
         self.timeout = timeout
+        self.executor = f"X-Congress-Executor: {executor}\r\n" if executor else ""
         self.idle: dict[tuple[str, str, int], list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]] = {}
         self._ssl: ssl.SSLContext | None = None
 
@@ -256,7 +257,7 @@ class HttpPoster:
         port = u.port or (443 if u.scheme == "https" else 80)
         key = (u.scheme, u.hostname, port)
         path = (u.path or "/") + (f"?{u.query}" if u.query else "")
-        head = (f"POST {path} HTTP/1.1\r\nHost: {u.netloc}\r\nContent-Type: application/json\r\n"
+        head = (f"POST {path} HTTP/1.1\r\nHost: {u.netloc}\r\nContent-Type: application/json\r\n{self.executor}"
                 f"Content-Length: {len(body)}\r\n\r\n").encode()
         for attempt in range(2):
             conn = self._take(key) if attempt == 0 else None

@@ -178,7 +178,7 @@ class DsdNode(Worker):
         self.driver_tasks: dict[str, asyncio.Task] = {}
         self.tables: dict[tuple[str, str], TableState] = {}
         self.http: httpx.AsyncClient | None = None
-        self.poster = HttpPoster()
+        self.poster = HttpPoster(executor=f"{cfg.node_id}/{self.incarnation}")
         self.drop = set(cfg.test_hooks.drop_publish)
         self.exec_slots = asyncio.Semaphore(64)
         self.stale = False

@@ -235,7 +235,8 @@ class PolicyNode:
         policies = {p["id"]: p for p in await self.store.policies()}
         rules = {pid: await self.store.rules(pid) for pid in policies}
         self.touched = {k: t for k, t in self.touched.items() if t >= started}
-        stale = self.touched.__contains__
+        # frozen before applying: what this sync applies touches objects too, and must not hide their rules
+        stale = set(self.touched).__contains__
         for pid in [p for p in self.policies if p not in policies and not stale(p)]:
             self.drop_policy(pid)
         for pid, policy_rules in rules.items():
