@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -232,6 +233,107 @@ def _deploy_summary(result) -> None:
         err.print(f"[green]deployed[/]: {loaded}every resource is running where it should")
 
 
+@main.command(name="status")
+@inventory_option
+@click.option("--watch", type=click.FloatRange(min=0.5), is_flag=False, flag_value=2.0, default=None,
+              metavar="[SECONDS]", help="Refresh every SECONDS (2 when not given) until Ctrl-C.")
+@click.option("--accept-new-host-keys", is_flag=True,
+              help="Like OpenSSH's accept-new: record unknown host keys; changed keys are still refused.")
+@output_option
+def status_cmd(inventory_path: Path, watch: float | None, accept_new_host_keys: bool, output: str) -> None:
+    """Show the cluster's health: hosts, congress nodes, the DSD and its tables, the API through the VIP.
+
+    Every host is asked at once over SSH (crm_mon, HAProxy's stats socket, the api-pe's /v1/status) while
+    /healthz is asked through the VIP from here. Exit status 0 healthy; 1 degraded (something is down, but
+    the API through the VIP answers healthy); 2 unavailable (it does not, or no host can be reached).
+    With --watch the exit status is the last sample's; --output json then prints one JSON line per sample.
+
+    \b
+    Example:
+        congressctl status -i lab/inventory.yaml
+        congressctl status -i lab/inventory.yaml --output json
+        congressctl status -i lab/inventory.yaml --watch 5
+    """
+    from congressctl import inventory, status
+
+    inv = inventory.load_inventory(inventory_path)
+    warn_all(inv.warnings)
+    if watch is not None:
+        sys.exit(_watch_status(inv, accept_new_host_keys, output, watch))
+    with err.status("gathering status ..."):
+        report = status.gather(inv, accept_new=accept_new_host_keys)
+    if output == "json":
+        click.echo(json.dumps(report.to_dict(), indent=2, sort_keys=True))
+    else:
+        _show_status(report)
+    sys.exit(report.exit_code)
+
+
+def _watch_status(inv, accept_new: bool, output: str, interval: float) -> int:
+    """Sample until Ctrl-C; the table is rendered through `emit` into a capture and shown by rich Live."""
+    from rich.live import Live
+    from rich.text import Text
+
+    from congressctl import status
+
+    report = None
+    try:
+        if output == "json":
+            while True:
+                report = status.gather(inv, accept_new=accept_new)
+                click.echo(json.dumps(report.to_dict(), sort_keys=True))
+                time.sleep(max(0.0, interval - report.duration_s))
+        with Live(console=Console(), auto_refresh=False) as live:
+            while True:
+                report = status.gather(inv, accept_new=accept_new)
+                with out.capture() as captured:
+                    _show_status(report)
+                    out.print(f"[dim]every {interval:g}s; Ctrl-C to stop[/]")
+                live.update(Text.from_ansi(captured.get(), no_wrap=True), refresh=True)
+                time.sleep(max(0.0, interval - report.duration_s))
+    except KeyboardInterrupt:
+        pass
+    return report.exit_code if report is not None else 130
+
+
+def _show_status(report) -> None:
+    from rich.markup import escape
+
+    emit([{"host": h.name, "address": h.address, "ok": h.reachable, "online": h.online, "quorum": h.quorum,
+           "dc": h.dc, "resources": h.resources, "haproxy backends": [f"{b.server} {b.status}" for b in h.backends],
+           "error": h.error or h.pacemaker_error or h.haproxy_error or h.api_error} for h in report.hosts],
+         "table", title="hosts",
+         columns=["host", "address", "ok", "online", "quorum", "dc", "resources", "haproxy backends", "error"])
+    emit([{"node": n.node, "role": n.role, "incarnation": n.incarnation, "heartbeat ms": n.age_ms,
+           "alive": n.alive, "synced": n.synced, "healthy": n.healthy,
+           "note": "" if n.expected else "not placed here any more"} for n in report.nodes],
+         "table", title="congress nodes",
+         columns=["node", "role", "incarnation", "heartbeat ms", "alive", "synced", "healthy", "note"])
+    if report.dsd is not None:
+        _show_dsd(report.dsd)
+    api = report.api
+    emit([{"url": api.url, "ok": api.ok, "http": api.status, "latency ms": api.latency_ms, "served by": api.node,
+           "error": api.error}], "table", title="API through the VIP")
+    colour = {"healthy": "green", "degraded": "yellow"}.get(report.health, "red")
+    out.print(f"[bold {colour}]{report.health}[/] ({report.duration_s:.2f}s)", highlight=False)
+    for problem in report.problems:
+        out.print(f"[{colour}]problem:[/] {escape(problem)}", highlight=False)
+
+
+def _show_dsd(dsd) -> None:
+    from datetime import datetime
+
+    since = datetime.fromtimestamp(dsd.leader_since).strftime("%H:%M:%S") if dsd.leader_since else None
+    emit([{"node": dsd.node, "placed on": dsd.running_on, "epoch": dsd.epoch,
+           "leader PE": dsd.leader["node"] if dsd.leader else None, "since": since, "heartbeat ms": dsd.age_ms}],
+         "table", title=f"DSD (as {dsd.seen_by} hears it)")
+    emit([{**dsd.counts, "buffered": dsd.buffered}], "table", title="DSD requests")
+    if dsd.tables:
+        emit([{"table": t.table, "epoch": t.epoch, "seq": t.seq,
+               "lag per PE": [f"{pe} {'?' if lag is None else lag}" for pe, lag in sorted(t.lag.items())]}
+              for t in dsd.tables], "table", title="DSD tables")
+
+
 @main.group()
 def lab() -> None:
     """Real hosts on this machine: network + mount namespaces on a bridge, each running its own sshd.
@@ -327,3 +429,74 @@ def lab_exec(node: str, command: tuple[str, ...], name: str, lab_dir: Path | Non
 
 if __name__ == "__main__":
     main()
+
+
+@main.command(name="failover-test")
+@inventory_option
+@click.option("--scenario", "scenarios", multiple=True, metavar="NAME",
+              help="A scenario to run (repeatable; default: all): pe-leader-kill, pe-leader-pause, "
+                   "dsd-node-fail, api-node-fail, vip-node-fail.")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for the timeline pages, raw events and summary.json [default: ./failover-report].")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation: the scenarios kill processes and cut hosts.")
+@click.option("--push-rate", type=click.FloatRange(min=1), default=50, show_default=True,
+              help="Data changes per second pushed during each scenario.")
+@click.option("--get-rate", type=click.FloatRange(min=1), default=50, show_default=True,
+              help="GETs per second through the VIP during each scenario.")
+@click.option("--pe-recovery", type=click.FloatRange(min=0), default=1.5, show_default=True,
+              help="Pass mark (s) for a new DSD leader executing after a PE fault.")
+@click.option("--node-slack", type=click.FloatRange(min=0), default=2.0, show_default=True,
+              help="Node faults must recover within corosync token + consensus + this many seconds.")
+@click.option("--cut-seconds", type=click.FloatRange(min=1), default=None,
+              help="How long a cut host stays off the network [default: token + consensus + 8 s].")
+@click.option("--sink-address", default=None, metavar="ADDRESS",
+              help="Address of this machine the hosts reach the action sink on [default: the route to the first "
+                   "node].")
+@click.option("--accept-new-host-keys", is_flag=True,
+              help="Like OpenSSH's accept-new: record unknown host keys; changed keys are still refused.")
+@output_option
+def failover_test(inventory_path: Path, scenarios: tuple[str, ...], report_dir: Path | None, yes: bool,
+                  push_rate: float, get_rate: float, pe_recovery: float, node_slack: float, cut_seconds: float | None,
+                  sink_address: str | None, accept_new_host_keys: bool, output: str) -> None:
+    """Inject failures into a deployed cluster while a workload runs; measure detection, recovery, lost and
+    duplicated actions and failed requests; pass or fail each scenario against its thresholds.
+
+    Destructive: kills processes and cuts hosts off the network (ordinary commands over SSH), then restores
+    the cluster and waits until `congressctl status` is healthy before the next scenario. Exit 0 only if
+    every scenario passed.
+
+    \b
+    Example:
+        congressctl failover-test -i lab/inventory.yaml --yes
+        congressctl failover-test -i lab/inventory.yaml --scenario pe-leader-kill --report out/ft --output json
+    """
+    from congressctl import failover, inventory
+
+    names = list(scenarios) or list(failover.SCENARIOS)
+    unknown = [n for n in names if n not in failover.SCENARIOS]
+    if unknown:
+        raise click.BadParameter(f"unknown scenario {', '.join(unknown)}; known: {', '.join(failover.SCENARIOS)}",
+                                 param_hint="--scenario")
+    inv = inventory.load_inventory(inventory_path)
+    warn_all(inv.warnings)
+    if not yes and not click.confirm(f"This kills processes and cuts hosts of cluster {inv.cluster!r} "
+                                     f"({', '.join(names)}). Go on?", err=True):
+        err.print("nothing done")
+        sys.exit(1)
+    report_dir = report_dir or Path("failover-report")
+    options = failover.Options(push_rate=push_rate, get_rate=get_rate, cut_s=cut_seconds,
+                               sink_address=sink_address, accept_new=accept_new_host_keys)
+    thresholds = failover.Thresholds(pe_recovery_s=pe_recovery, node_slack_s=node_slack)
+    report = failover.run(inv, names, options=options, thresholds=thresholds, report_dir=report_dir,
+                          log=lambda line: err.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {line}", highlight=False))
+    if output == "json":
+        click.echo(json.dumps(report.to_dict(), indent=2, default=str))
+    else:
+        emit(report.rows(), output, title=f"failover-test ({report.duration_s:.0f}s)")
+        err.print(f"timings in force: {failover.timings_summary(report.timings)}", highlight=False)
+    err.print(f"report: {report_dir}/ (one timeline page per scenario, raw events, summary.json)", highlight=False)
+    if not report.passed:
+        err.print("[red]failed[/]: " + "; ".join(f"{s.name}: {', '.join(s.failures)}" for s in report.scenarios
+                                                  if not s.passed), highlight=False)
+        sys.exit(1)
+    err.print(f"[green]passed[/]: {len(report.scenarios)} scenario(s)")

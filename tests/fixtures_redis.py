@@ -23,6 +23,8 @@ import pytest
 import redis
 import yaml
 
+from congressctl import failover
+
 from conftest import free_port, require
 
 REPO = Path(__file__).resolve().parent.parent
@@ -234,56 +236,18 @@ def node_cluster(redis_server, tmp_path):
     cluster.stop_all()
 
 
-class Sink:
-    """A tiny real HTTP server that records every action POSTed to it (counted by action id)."""
-
-    def __init__(self) -> None:
-        import http.server
-        import threading
-
-        self.received: list[dict] = []
-        self.times: list[float] = []
-        self.lock = threading.Lock()
-        sink = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802 - http.server API
-                length = int(self.headers.get("Content-Length", 0))
-                body = json.loads(self.rfile.read(length))
-                with sink.lock:
-                    sink.received.append(body)
-                    sink.times.append(time.monotonic())
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        class Server(http.server.ThreadingHTTPServer):
-            request_queue_size = 256
-
-        self.server = Server(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+class Sink(failover.Sink):
+    """The failover-test sink (a real HTTP server counting actions by id), with the views tests read."""
 
     @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/actions"
+    def received(self) -> list[dict]:
+        return self.bodies()
 
     def ids(self) -> list[str]:
-        with self.lock:
-            return [b["action_id"] for b in self.received]
+        return [b["action_id"] for b in self.bodies()]
 
     def args(self) -> list[tuple]:
-        with self.lock:
-            return [tuple(b["args"]) for b in self.received]
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        return [tuple(b["args"]) for b in self.bodies()]
 
 
 @pytest.fixture

@@ -1,0 +1,58 @@
+"""Deploy onto fresh labs over SSH, as an operator would; last line: JSON with the seconds taken.
+
+Measures `congressctl deploy` (the real command) on a new 3-host lab (first deploy, then a no-change
+re-deploy) and on a new 12-host lab (first deploy). Goals (issue 5): noop_deploy_s <= 3 s;
+first_deploy_12_s <= 2 x first_deploy_3_s. Needs root. Run: .venv/bin/python bench/deploy.py [--big 12]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CLI = str(Path(__file__).resolve().parent.parent / ".venv" / "bin" / "congressctl")
+
+
+def congressctl(*args: str, timeout: float = 1800) -> float:
+    started = time.monotonic()
+    proc = subprocess.run([CLI, *args], capture_output=True, text=True, timeout=timeout)
+    took = time.monotonic() - started
+    if proc.returncode != 0:
+        sys.exit(f"congressctl {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return took
+
+
+def deploy_times(nodes: int, name: str, root: Path, noop: bool) -> dict:
+    lab = root / name
+    congressctl("lab", "up", "--nodes", str(nodes), "--name", name, "--dir", str(lab))
+    try:
+        inventory = str(lab / "inventory.yaml")
+        figures = {f"first_deploy_{nodes}_s": round(congressctl("deploy", "-i", inventory), 2)}
+        if noop:
+            figures[f"noop_deploy_{nodes}_s"] = round(congressctl("deploy", "-i", inventory), 2)
+        return figures
+    finally:
+        subprocess.run([CLI, "lab", "down", "--name", name, "--dir", str(lab)], capture_output=True, timeout=300)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--big", type=int, default=12, help="hosts in the big lab")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-deploy-") as tmp:
+        figures = deploy_times(3, "bd3", Path(tmp), noop=True)
+        figures |= deploy_times(args.big, "bd12", Path(tmp), noop=False)
+    small, big = figures["first_deploy_3_s"], figures[f"first_deploy_{args.big}_s"]
+    figures |= {"first_deploy_s": small, "noop_deploy_s": figures["noop_deploy_3_s"],
+                "big_over_small": round(big / small, 2),
+                "goals_met": figures["noop_deploy_3_s"] <= 3 and big <= 2 * small}
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()

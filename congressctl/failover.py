@@ -1,0 +1,861 @@
+"""Failure scenarios against a deployed cluster while a workload runs; every figure is measured.
+
+A workload pushes rows into a probe datasource through the VIP (each push makes exactly one new row appear;
+a policy turns each new row into one action that the DSD POSTs to a sink run here) and GETs through the VIP.
+Faults are ordinary commands over SSH (kill, ip link), so the same scenarios run on real hosts.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import shlex
+import socket
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import httpx
+
+from congressctl import deploy, status, timeline
+from congressctl.errors import CongressctlError, FailoverError
+from congressctl.inventory import Inventory, Node
+from congressctl.timeline import Event
+
+WINDOW = 5
+PROBE_TABLE = "items"
+SCENARIO_SPAN = 1_000_000
+Log = Callable[[str], None]
+
+DESCRIPTIONS = {
+    "pe-leader-kill": "kill -9 the api-pe process that leads the DSD",
+    "pe-leader-pause": "SIGSTOP the api-pe that leads the DSD for 3 x peer_timeout, then SIGCONT",
+    "dsd-node-fail": "cut the host running the DSD off the network, restore it afterwards",
+    "api-node-fail": "kill -9 an api-pe host's congress processes while clients query through the VIP",
+    "vip-node-fail": "cut the host holding the VIP off the network, restore it afterwards",
+}
+SCENARIOS = tuple(DESCRIPTIONS)
+
+
+@dataclass
+class Thresholds:
+    """Pass marks; node-level recovery limits are corosync token + consensus + `node_slack_s`."""
+
+    pe_recovery_s: float = 1.5
+    node_slack_s: float = 2.0
+    max_lost: int = 0
+    max_duplicated: int = 0
+    max_failed_gets: int = 0
+
+
+@dataclass
+class Options:
+    push_rate: float = 50.0
+    get_rate: float = 50.0
+    warmup_s: float = 2.0
+    after_s: float = 3.0
+    cut_s: float | None = None
+    recovery_timeout_s: float = 30.0
+    healthy_timeout_s: float = 180.0
+    sink_address: str | None = None
+    accept_new: bool = False
+
+
+@dataclass
+class ScenarioResult:
+    name: str
+    description: str
+    target: str = ""
+    pushed_to: str = ""
+    passed: bool = False
+    detect_s: float | None = None
+    recover_s: float | None = None
+    pushed: int = 0
+    expected_actions: int = 0
+    executed: int = 0
+    lost: int = 0
+    duplicated: int = 0
+    requests: int = 0
+    failed_requests: int = 0
+    tables_equal: bool = False
+    limits: dict = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+    timeline: str | None = None
+    events_file: str | None = None
+
+    def row(self) -> dict:
+        return {"scenario": self.name, "target": self.target, "ok": self.passed,
+                "detect_s": _round(self.detect_s), "recover_s": _round(self.recover_s),
+                "actions": f"{self.executed}/{self.expected_actions}", "lost": self.lost,
+                "duplicated": self.duplicated, "failed_requests": f"{self.failed_requests}/{self.requests}",
+                "tables_equal": self.tables_equal, "why": "; ".join(self.failures)}
+
+
+@dataclass
+class FailoverReport:
+    scenarios: list[ScenarioResult]
+    timings: dict
+    report_dir: str | None
+    duration_s: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.scenarios) and all(s.passed for s in self.scenarios)
+
+    def rows(self) -> list[dict]:
+        return [s.row() for s in self.scenarios]
+
+    def to_dict(self) -> dict:
+        return {"passed": self.passed, "timings": self.timings, "report_dir": self.report_dir,
+                "duration_s": round(self.duration_s, 1), "scenarios": [asdict(s) for s in self.scenarios]}
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+# ------------------------------------------------------------------------------------------- recording
+
+
+class Recorder:
+    """Events on one clock: seconds since the scenario started (wall time kept to place the nodes' stamps)."""
+
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+        self.wall0 = time.time()
+        self.events: list[Event] = []
+        self.lock = threading.Lock()
+
+    def now(self) -> float:
+        return time.monotonic() - self.t0
+
+    def add(self, kind: str, detail: str = "", ok: bool = True, t: float | None = None) -> float:
+        t = self.now() if t is None else t
+        with self.lock:
+            self.events.append(Event(round(t, 4), kind, detail, ok))
+        return t
+
+    def first(self, kind: str, after: float = 0.0) -> float | None:
+        with self.lock:
+            return next((e.t for e in sorted(self.events, key=lambda e: e.t) if e.kind == kind and e.t >= after),
+                        None)
+
+
+class Sink:
+    """A real HTTP server that records every action the DSD POSTs to it (the workload's ground truth)."""
+
+    def __init__(self, address: str = "127.0.0.1", port: int = 0) -> None:
+        self.arrivals: list[tuple[float, dict]] = []
+        self.lock = threading.Lock()
+        sink = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server API
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                body["executor"] = self.headers.get("X-Congress-Executor")
+                with sink.lock:
+                    sink.arrivals.append((time.monotonic(), body))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        class Server(http.server.ThreadingHTTPServer):
+            request_queue_size = 256
+            daemon_threads = True
+
+        self.server = Server((address, port), Handler)
+        self.address, self.port = self.server.server_address[:2]
+        self.thread = threading.Thread(target=self.server.serve_forever, name="sink", daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}:{self.port}/actions"
+
+    def bodies(self) -> list[dict]:
+        with self.lock:
+            return [b for _, b in self.arrivals]
+
+    def since(self, start: float) -> list[tuple[float, dict]]:
+        with self.lock:
+            return [(t, b) for t, b in self.arrivals if t >= start]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def local_address_towards(address: str) -> str:
+    """The address of this machine that the cluster's hosts reach it by (the route towards a node)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((address, 9))
+        return s.getsockname()[0]
+
+
+# ------------------------------------------------------------------------------------------- workload
+
+
+@dataclass
+class Push:
+    t: float
+    k: int
+    outcome: str      # ok, failed (refused before it was applied) or unknown (timeout: may have been applied)
+
+
+class Workload:
+    """Sequential pushes (order matters: each makes one row appear) and concurrent GETs through the VIP.
+
+    Pushes go to one api-pe on a host the scenario leaves alone: a replace that timed out on a paused
+    process and is applied when it resumes would bring old rows back (each a new action) and hide what the
+    scenario measures."""
+
+    def __init__(self, api: str, push_api: str, probe: "Probe", base: int, options: Options, rec: Recorder):
+        self.api, self.push_api, self.base = api, push_api, base
+        self.datasource, self.policy = probe.datasource, probe.policy
+        self.options, self.rec = options, rec
+        self.pushes: list[Push] = []
+        self.gets: list[tuple[float, bool]] = []
+        self.stopping = threading.Event()
+        self.threads = [threading.Thread(target=self._push_loop, name="push", daemon=True),
+                        threading.Thread(target=self._get_loop, name="get", daemon=True)]
+        self.next_k = base
+        self.errors: list[BaseException] = []
+
+    def start(self) -> None:
+        for t in self.threads:
+            t.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        for t in self.threads:
+            t.join(timeout=10)
+        if self.errors:
+            raise FailoverError(f"the workload failed: {self.errors[0]!r}")
+
+    def window(self, k: int) -> list[list[int]]:
+        return [[i] for i in range(max(self.base, k - WINDOW + 1), k + 1)]
+
+    def push(self, client: httpx.Client, k: int) -> Push:
+        started = self.rec.now()
+        url = f"{self.push_api}/v1/data-sources/{self.datasource}/tables/{PROBE_TABLE}/rows"
+        try:
+            status_code = client.put(url, json=self.window(k)).status_code
+            outcome = "ok" if status_code == 200 else "failed" if status_code in (502, 503, 504) else "unknown"
+        except (httpx.ConnectError, httpx.ConnectTimeout):
+            outcome = "failed"
+        except httpx.HTTPError:
+            outcome = "unknown"
+        self.rec.add("push", f"k={k - self.base} {outcome}", ok=outcome == "ok", t=started)
+        return Push(started, k, outcome)
+
+    def _paced(self, rate: float, step: Callable[[], None]) -> None:
+        interval = 1.0 / rate
+        due = time.monotonic()
+        try:
+            while not self.stopping.is_set():
+                step()
+                due += interval
+                delay = due - time.monotonic()
+                if delay > 0:
+                    self.stopping.wait(delay)
+                else:
+                    due = time.monotonic()
+        except BaseException as exc:  # noqa: BLE001 - read in stop(), so no error vanishes
+            self.errors.append(exc)
+
+    def _push_loop(self) -> None:
+        with httpx.Client(timeout=httpx.Timeout(2.0, connect=1.0)) as client:
+            def step() -> None:
+                self.pushes.append(self.push(client, self.next_k))
+                self.next_k += 1
+            self._paced(self.options.push_rate, step)
+
+    def _get_loop(self) -> None:
+        url = f"{self.api}/v1/policies/{self.policy}/rules"
+        with httpx.Client(timeout=httpx.Timeout(2.0, connect=1.0),
+                          limits=httpx.Limits(max_connections=16)) as client, \
+                ThreadPoolExecutor(max_workers=16, thread_name_prefix="get") as pool:
+            def one() -> None:
+                started = self.rec.now()
+                try:
+                    ok = client.get(url).status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                with self.rec.lock:
+                    self.gets.append((started, ok))
+                if not ok:
+                    self.rec.add("request", "GET failed", ok=False, t=started)
+            futures = []
+            self._paced(self.options.get_rate, lambda: futures.append(pool.submit(one)))
+            for f in futures:
+                f.result()
+
+    def finish(self, client: httpx.Client, deadline: float) -> int:
+        """One last push retried until it is applied: its window is the source the PEs must converge to."""
+        k = self.next_k
+        while time.monotonic() < deadline:
+            result = self.push(client, k)
+            self.pushes.append(result)
+            if result.outcome == "ok":
+                return k
+            time.sleep(0.5)
+        raise FailoverError("the final push was never accepted through the VIP")
+
+
+class Watcher:
+    """Polls every api-pe's /v1/status: who leads the DSD, which DSD runs, which PEs answer."""
+
+    def __init__(self, nodes: dict[str, str], rec: Recorder, interval: float = 0.1):
+        self.nodes, self.rec, self.interval = nodes, rec, interval
+        self.leader: tuple | None = None
+        self.dsd: tuple | None = None
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="watch", daemon=True)
+        self.leader_changes: list[tuple[float, tuple, float | None]] = []
+        self.dsd_changes: list[tuple[float, tuple]] = []
+        self.errors: list[BaseException] = []
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=10)
+        if self.errors:
+            raise FailoverError(f"the leader watcher failed: {self.errors[0]!r}")
+
+    def _loop(self) -> None:
+        try:
+            with httpx.Client(timeout=httpx.Timeout(0.5, connect=0.3)) as client:
+                while not self.stopping.is_set():
+                    for url in self.nodes.values():
+                        self._sample(client, url)
+                    self.stopping.wait(self.interval)
+        except BaseException as exc:  # noqa: BLE001 - read in stop()
+            self.errors.append(exc)
+
+    def _sample(self, client: httpx.Client, url: str) -> None:
+        try:
+            body = client.get(f"{url}/v1/status").json()
+        except (httpx.HTTPError, ValueError):
+            return
+        dsd = body.get("dsd") or {}
+        if not dsd.get("node") or not dsd.get("leader") or (dsd.get("age_ms") or 0) > 1000:
+            return
+        seen = self.rec.now()
+        leader = (dsd["leader"]["node"], dsd["leader"]["inc"])
+        if leader != self.leader:
+            stamped = dsd.get("leader_since")
+            self.leader_changes.append((seen, leader, None if stamped is None else stamped - self.rec.wall0))
+            if self.leader is not None:
+                self.rec.add("leader", f"DSD leader -> {leader[0]}", t=seen)
+            self.leader = leader
+        instance = (dsd["node"], dsd.get("incarnation"))
+        if instance != self.dsd:
+            self.dsd_changes.append((seen, instance))
+            if self.dsd is not None:
+                self.rec.add("leader", f"DSD now runs on {instance[0]}", t=seen)
+            self.dsd = instance
+
+
+# ------------------------------------------------------------------------------------------- cluster access
+
+
+class Cluster:
+    """The deployed cluster as the scenarios see it: SSH to hosts, the API through the VIP and per node."""
+
+    def __init__(self, inv: Inventory, options: Options, log: Log):
+        self.inv, self.options, self.log = inv, options, log
+        self.api = f"http://{inv.vip.address}:{inv.api_port}"
+        self.node_apis = {n.name: f"http://{n.address}:{inv.api_port}" for n in inv.with_role("api-pe")}
+        self.client = httpx.Client(timeout=httpx.Timeout(5.0, connect=2.0))
+        self._totem: tuple[int, int] | None = None
+
+    def close(self) -> None:
+        self.client.close()
+
+    def ssh(self, node: Node, command: str, timeout: float = 20.0) -> str:
+        with deploy.connect(self.inv, node, self.options.accept_new) as conn:
+            return conn.run(command, timeout=timeout).stdout
+
+    def call(self, method: str, path: str, body: object = None, expect: tuple[int, ...] = (200, 201)) -> dict:
+        resp = self.client.request(method, f"{self.api}{path}", json=body)
+        if resp.status_code not in expect:
+            raise FailoverError(f"{method} {path} through the VIP answered {resp.status_code}: {resp.text[:300]}")
+        return resp.json() if resp.content else {}
+
+    def node_status(self, name: str) -> dict | None:
+        try:
+            resp = self.client.get(f"{self.node_apis[name]}/v1/status", timeout=2.0)
+            return resp.json() if resp.status_code == 200 else None
+        except (httpx.HTTPError, ValueError):
+            return None
+
+    def dsd_view(self) -> dict:
+        """The DSD as the api-pe nodes see it: where it runs and which PE leads it."""
+        for name in self.node_apis:
+            body = self.node_status(name)
+            dsd = (body or {}).get("dsd")
+            if dsd and dsd.get("leader"):
+                return dsd
+        raise FailoverError("no api-pe reports a DSD with a leader")
+
+    def placement(self) -> dict[str, list[str]]:
+        for node in self.inv.nodes:
+            try:
+                with deploy.connect(self.inv, node, self.options.accept_new) as conn:
+                    placement = deploy.cluster_placement(conn)
+            except CongressctlError:
+                continue
+            if placement:
+                return placement.running
+        raise FailoverError("no host answered crm_mon")
+
+    def wait_healthy(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        report = None
+        while time.monotonic() < deadline:
+            report = status.gather(self.inv, accept_new=self.options.accept_new)
+            if report.exit_code == 0:
+                return
+            time.sleep(1.0)
+        problems = "; ".join(report.problems) if report else "no status"
+        raise FailoverError(f"the cluster did not become healthy within {timeout:.0f}s: {problems}")
+
+    def totem(self) -> tuple[int, int]:
+        """Corosync's token and consensus timeouts in force (ms), read from a host's cmap.
+
+        They can exceed the inventory's: corosync adds token_coefficient per node beyond two."""
+        if self._totem is None:
+            self._totem = self._read_totem()
+        return self._totem
+
+    def _read_totem(self) -> tuple[int, int]:
+        t = self.inv.timings
+        for node in self.inv.nodes:
+            try:
+                out = self.ssh(node, "corosync-cmapctl -g runtime.config.totem.token runtime.config.totem.consensus")
+            except CongressctlError:
+                continue
+            values = dict(line.split(" (u32) = ") for line in out.splitlines() if " (u32) = " in line)
+            token = values.get("runtime.config.totem.token")
+            consensus = values.get("runtime.config.totem.consensus")
+            if token and consensus:
+                return int(token), int(consensus)
+        self.log("could not read corosync's timeouts in force; using the inventory's")
+        return t.corosync_token_ms, t.corosync_consensus_ms
+
+    def cleanup(self) -> None:
+        """Forget failures Pacemaker counted, so the next scenario starts from a clean slate."""
+        for node in self.inv.nodes:
+            try:
+                self.ssh(node, "crm_resource --cleanup --quiet >/dev/null 2>&1 || true", timeout=60)
+                return
+            except CongressctlError:
+                continue
+
+    def rows_on(self, name: str, datasource: str) -> list | None:
+        try:
+            resp = self.client.get(f"{self.node_apis[name]}/v1/data-sources/{datasource}/tables/{PROBE_TABLE}/rows",
+                                   timeout=2.0)
+        except httpx.HTTPError:
+            return None
+        if resp.status_code != 200:
+            return None
+        return sorted(r["data"] for r in resp.json()["results"])
+
+
+def kill_command(role: str, sig: str) -> str:
+    """Signal the congress process of `role` on a host; prints the pid (the bracket keeps pgrep off itself)."""
+    pattern = shlex.quote(f"[c]ongressctl serve {role}")
+    return f"pid=$(pgrep -f {pattern} | head -n1); test -n \"$pid\" && kill -{sig} $pid && echo $pid"
+
+
+def cut_command(address: str, seconds: float) -> str:
+    """Take the interface holding `address` down for `seconds`, detached so it outlives the SSH session."""
+    script = (f"sleep 0.3; i=$(ip -o -4 addr show | awk -v a={shlex.quote(address)} "
+              "'{split($4,x,\"/\"); if (x[1]==a) print $2}' | head -n1); "
+              f"ip link set \"$i\" down; sleep {seconds:.1f}; ip link set \"$i\" up")
+    return f"setsid nohup sh -c {shlex.quote(script)} >/dev/null 2>&1 < /dev/null & echo started"
+
+
+# ------------------------------------------------------------------------------------------- scenarios
+
+
+@dataclass
+class Fault:
+    """What a scenario did: its target, when the fault began, and what tells that the service recovered."""
+
+    target: str
+    recovery: str             # first-action | api-back | pe-back
+    limit_s: float
+    restore_at: float | None = None
+    restore: Callable[[], None] | None = None
+    detected_at: float | None = None
+    survivor: Node | None = None
+    new_dsd: bool = False     # recovery counts only actions run by another DSD instance than before the fault
+
+
+def _leader_node(cluster: Cluster) -> Node:
+    return cluster.inv.node(cluster.dsd_view()["leader"]["node"])
+
+
+def _node_limit(cluster: "Cluster", thresholds: Thresholds) -> float:
+    token, consensus = cluster.totem()
+    return (token + consensus) / 1000 + thresholds.node_slack_s
+
+
+def _cut_seconds(cluster: "Cluster") -> float:
+    token, consensus = cluster.totem()
+    return cluster.options.cut_s or (token + consensus) / 1000 + 8.0
+
+
+def target_of(name: str, cluster: Cluster) -> Node:
+    """The host a scenario will hit, chosen before the workload starts (the DSD's leader is sticky)."""
+    if name in ("pe-leader-kill", "pe-leader-pause"):
+        return cluster.inv.node(cluster.dsd_view()["leader"]["node"])
+    if name == "api-node-fail":
+        return _api_victim(cluster)
+    where = "dsd" if name == "dsd-node-fail" else "vip"
+    running = cluster.placement().get(where) or []
+    if not running:
+        raise FailoverError(f"{name}: Pacemaker runs no {where} anywhere")
+    return cluster.inv.node(running[0])
+
+
+def inject(name: str, node: Node, cluster: Cluster, thresholds: Thresholds, rec: Recorder) -> Fault:
+    inv = cluster.inv
+    if name in ("pe-leader-kill", "pe-leader-pause"):
+        sig = "KILL" if name == "pe-leader-kill" else "STOP"
+        pid = cluster.ssh(node, kill_command("api-pe", sig)).strip()
+        rec.add("fault", f"kill -{sig} api-pe pid {pid} on {node.name}")
+        fault = Fault(node.name, "first-action", thresholds.pe_recovery_s)
+        if sig == "STOP":
+            fault.restore_at = rec.now() + 3 * inv.timings.peer_timeout_ms / 1000
+            fault.restore = lambda: (cluster.ssh(node, f"kill -CONT {pid}"), rec.add("restore", f"kill -CONT {pid}"))
+        return fault
+    if name == "api-node-fail":
+        killed = cluster.ssh(node, kill_command("api-pe", "KILL") + "; " + kill_command("dsd", "KILL") + "; true")
+        rec.add("fault", f"kill -9 congress processes on {node.name} (pids {' '.join(killed.split())})")
+        return Fault(node.name, "pe-back", 60.0, survivor=next(n for n in inv.nodes if n.name != node.name))
+    seconds = _cut_seconds(cluster)
+    cluster.ssh(node, cut_command(node.address, seconds))
+    t = rec.add("fault", f"{node.name} cut off the network for {seconds:.1f}s", t=rec.now() + 0.3)
+    rec.add("restore", f"{node.name} back on the network", t=t + seconds)
+    recovery = "first-action" if name == "dsd-node-fail" else "api-back"
+    survivor = next(n for n in inv.nodes if n.name != node.name)
+    return Fault(node.name, recovery, _node_limit(cluster, thresholds), restore_at=t + seconds + 0.5,
+                 survivor=survivor, new_dsd=name == "dsd-node-fail")
+
+
+def _api_victim(cluster: Cluster) -> Node:
+    """An api-pe host that is not holding the VIP; one that does not lead the DSD when there is a choice."""
+    running = cluster.placement()
+    vip = set(running.get("vip", []))
+    leader = cluster.dsd_view()["leader"]["node"]
+    candidates = [n for n in cluster.inv.with_role("api-pe") if n.name not in vip]
+    if not candidates:
+        raise FailoverError("api-node-fail: every api-pe host holds the VIP; nothing to fail without the VIP")
+    candidates.sort(key=lambda n: (n.name == leader, n.name in running.get("dsd", [])))
+    return candidates[0]
+
+
+# ------------------------------------------------------------------------------------------- one scenario
+
+
+class Probe:
+    """The probe datasource and policy made for a run, removed at the end."""
+
+    def __init__(self, cluster: Cluster, sink: Sink):
+        suffix = uuid.uuid4().hex[:8]
+        self.datasource, self.policy = f"failover_source_{suffix}", f"failover_policy_{suffix}"
+        self.cluster = cluster
+        cluster.call("POST", "/v1/data-sources", {
+            "name": self.datasource, "driver": "push",
+            "config": {"tables": {PROBE_TABLE: {"columns": ["id"]}}, "action_url": sink.url}})
+        cluster.call("POST", "/v1/policies", {"name": self.policy})
+        cluster.call("POST", f"/v1/policies/{self.policy}/rules",
+                     {"rule": f"execute[{self.datasource}:notify(x)] :- {self.datasource}:{PROBE_TABLE}(id=x)"})
+
+    def remove(self) -> None:
+        self.cluster.call("DELETE", f"/v1/policies/{self.policy}", expect=(200, 204, 404))
+        self.cluster.call("DELETE", f"/v1/data-sources/{self.datasource}", expect=(200, 204, 404))
+
+
+def run_scenario(name: str, index: int, cluster: Cluster, probe: Probe, sink: Sink, thresholds: Thresholds,
+                 report_dir: Path | None) -> ScenarioResult:
+    options, inv = cluster.options, cluster.inv
+    result = ScenarioResult(name, DESCRIPTIONS[name])
+    rec = Recorder()
+    base = (index + 1) * SCENARIO_SPAN
+    sink_start = time.monotonic()
+    target = target_of(name, cluster)
+    result.target = target.name
+    result.pushed_to = next(n for n in cluster.node_apis if n != target.name)
+    workload = Workload(cluster.api, cluster.node_apis[result.pushed_to], probe, base, options, rec)
+    watcher = Watcher(cluster.node_apis, rec)
+    watcher.start()
+    workload.start()
+    try:
+        time.sleep(options.warmup_s)
+        fault = inject(name, target, cluster, thresholds, rec)
+        t_fault = rec.first("fault")
+        recovered = _drive(fault, cluster, workload, sink, sink_start, rec, t_fault)
+    finally:
+        workload.stop()
+        watcher.stop()
+    last = workload.finish(cluster.client, time.monotonic() + 30)
+    _settle(cluster, probe, workload.window(last), inv, result)
+    _figures(result, fault, workload, watcher, sink.since(sink_start), rec, t_fault, recovered, base, thresholds, inv)
+    if report_dir:
+        _write_report(report_dir, result, rec, timings_summary(timings_of(cluster, thresholds)))
+    return result
+
+
+def _drive(fault: Fault, cluster: Cluster, workload: Workload, sink: Sink, sink_start: float, rec: Recorder,
+           t_fault: float) -> float | None:
+    """Until recovered (or timed out), restored, and `after_s` of workload after recovery: poll and restore."""
+    options = cluster.options
+    deadline = t_fault + options.recovery_timeout_s
+    membership = _Membership(cluster, fault, rec) if fault.survivor else None
+    recovered = None
+    while True:
+        now = rec.now()
+        if membership:
+            membership.poll()
+        if fault.restore and now >= (fault.restore_at or 0.0):
+            fault.restore()
+            fault.restore = None
+        if recovered is None and now <= deadline:
+            recovered = _recovered_at(fault, cluster, workload, sink, sink_start, rec, t_fault)
+            if recovered is not None:
+                rec.add("recovered", f"{fault.recovery} after {recovered - t_fault:.3f}s", t=recovered)
+        settled = (recovered if recovered is not None else deadline) + options.after_s
+        if fault.restore is None and now >= max(settled, fault.restore_at or 0.0):
+            return recovered
+        time.sleep(0.05)
+
+
+class _Membership:
+    """Asks Pacemaker on a surviving host (at most every 0.5 s) whether it has seen the fault: the cut host
+    offline, or the killed api-pe not running."""
+
+    def __init__(self, cluster: Cluster, fault: Fault, rec: Recorder):
+        self.cluster, self.fault, self.rec = cluster, fault, rec
+        self.next_poll = 0.0
+
+    def poll(self) -> None:
+        if self.fault.detected_at is not None or self.rec.now() < self.next_poll:
+            return
+        self.next_poll = self.rec.now() + 0.5
+        asked = self.rec.now()
+        try:
+            with deploy.connect(self.cluster.inv, self.fault.survivor, self.cluster.options.accept_new) as conn:
+                placement = deploy.cluster_placement(conn)
+        except CongressctlError:
+            return
+        if not placement:
+            return
+        if self.fault.target in placement.offline:
+            seen = f"{self.fault.target} offline"
+        elif self.fault.recovery == "pe-back" and self.fault.target not in placement.on("api-pe"):
+            seen = f"api-pe on {self.fault.target} not running"
+        else:
+            return
+        self.fault.detected_at = self.rec.add("detected", f"Pacemaker on {self.fault.survivor.name} sees {seen}",
+                                             t=asked)
+
+
+def _recovered_at(fault: Fault, cluster: Cluster, workload: Workload, sink: Sink, sink_start: float,
+                  rec: Recorder, t_fault: float) -> float | None:
+    if fault.recovery == "first-action":
+        after_fault = {p.k for p in list(workload.pushes) if p.t > t_fault}
+        received = sink.since(sink_start)
+        before = [b.get("executor") for t, b in received if t - rec.t0 < t_fault]
+        old_dsd = before[-1] if before and fault.new_dsd else None
+        for t, body in received:
+            if body["args"] and body["args"][0] in after_fault and body.get("executor") != old_dsd:
+                return t - rec.t0
+        return None
+    if fault.recovery == "api-back":
+        gets = sorted(list(workload.gets))
+        failed = [t for t, ok in gets if not ok and t > t_fault]
+        if not failed:
+            return t_fault if rec.now() > t_fault + 2.0 and gets and gets[-1][1] else None
+        return next((t for t, ok in gets if ok and t > failed[-1]), None)
+    body = cluster.node_status(fault.target)
+    return rec.now() if body and body.get("healthy") else None
+
+
+def _settle(cluster: Cluster, probe: Probe, source: list[list[int]], inv: Inventory, result: ScenarioResult) -> None:
+    """Wait for duplicates to show (the DSD's buffer window) and for every PE's table to equal the source."""
+    time.sleep(2 * inv.timings.peer_timeout_ms / 1000 + 1.0)
+    deadline = time.monotonic() + 20
+    want = sorted(source)
+    while time.monotonic() < deadline:
+        views = {name: cluster.rows_on(name, probe.datasource) for name in cluster.node_apis}
+        if all(v == want for v in views.values()):
+            result.tables_equal = True
+            return
+        time.sleep(0.5)
+    result.failures.append("PE tables differ from the source: " +
+                           ", ".join(f"{n} has {len(v) if v is not None else 'no answer'}" for n, v in views.items()
+                                     if v != want))
+
+
+def _figures(result: ScenarioResult, fault: Fault, workload: Workload, watcher: Watcher,
+             received: list[tuple[float, dict]], rec: Recorder, t_fault: float, recovered: float | None, base: int,
+             thresholds: Thresholds, inv: Inventory) -> None:
+    first_push = {}
+    expected: set[int] = set()
+    for p in workload.pushes:
+        first_push.setdefault(p.k, p.t)
+        if p.outcome == "ok":
+            expected.update(row[0] for row in workload.window(p.k))
+    ks = [b["args"][0] for _, b in received if b["args"] and base <= b["args"][0] < base + SCENARIO_SPAN]
+    seen: set[int] = set()
+    for (t, body) in received:
+        k = body["args"][0] if body["args"] else None
+        if k is None or not base <= k < base + SCENARIO_SPAN:
+            continue
+        rec.add("action", f"k={k - base} id={body['action_id'][:12]}", ok=k not in seen, t=t - rec.t0)
+        seen.add(k)
+    dsd_back = _new_dsd_at(received, rec, t_fault)
+    if dsd_back is not None:
+        # rows that came and went while no DSD ran never reached one: only changes after it is back count
+        expected = {k for k in expected if first_push.get(k, 0.0) >= dsd_back}
+    result.pushed = len(workload.pushes)
+    result.expected_actions = len(expected)
+    result.executed = len(set(ks) & expected)
+    result.lost = len(expected - set(ks))
+    result.duplicated = len(ks) - len(set(ks))
+    gets = list(workload.gets)
+    result.requests = len(gets)
+    result.failed_requests = sum(1 for _, ok in gets if not ok)
+    result.detect_s = _detected(result.name, watcher, fault.detected_at, t_fault)
+    if result.detect_s is not None and fault.detected_at is None:
+        rec.add("detected", f"DSD leader changed after {result.detect_s:.3f}s", t=t_fault + result.detect_s)
+    result.recover_s = None if recovered is None else recovered - t_fault
+    _judge(result, fault, thresholds, inv)
+
+
+def _new_dsd_at(received: list[tuple[float, dict]], rec: Recorder, t_fault: float) -> float | None:
+    """When the first action run by another DSD instance than before the fault arrived (None: same DSD)."""
+    before = [b.get("executor") for t, b in received if t - rec.t0 < t_fault]
+    if not before:
+        return None
+    return next((t - rec.t0 for t, b in received if t - rec.t0 >= t_fault and b.get("executor") != before[-1]),
+                None)
+
+
+def _detected(name: str, watcher: Watcher, detected_at: float | None, t_fault: float) -> float | None:
+    """When the system noticed: the DSD changed leader (PE faults) or Pacemaker saw the fault (node faults).
+
+    The DSD stamps its leader change with its own clock; that stamp is used when it falls between the fault
+    and the moment it was seen (same clock in the lab, NTP on real hosts), else the observation time."""
+    if name in ("dsd-node-fail", "vip-node-fail", "api-node-fail"):
+        return None if detected_at is None else detected_at - t_fault
+    for seen, _, stamped in watcher.leader_changes[1:]:
+        if seen >= t_fault:
+            return (stamped if stamped is not None and t_fault <= stamped <= seen else seen) - t_fault
+    return None
+
+
+def _judge(result: ScenarioResult, fault: Fault, thresholds: Thresholds, inv: Inventory) -> None:
+    limits: dict = {}
+    if result.name in ("pe-leader-kill", "pe-leader-pause"):
+        limits = {"recover_s": thresholds.pe_recovery_s, "lost": thresholds.max_lost,
+                  "duplicated": thresholds.max_duplicated}
+    elif result.name == "dsd-node-fail":
+        limits = {"recover_s": fault.limit_s, "lost": thresholds.max_lost}
+    elif result.name == "api-node-fail":
+        limits = {"failed_requests": thresholds.max_failed_gets, "lost": thresholds.max_lost,
+                  "duplicated": thresholds.max_duplicated}
+    elif result.name == "vip-node-fail":
+        limits = {"recover_s": fault.limit_s}
+    result.limits = limits
+    for key, limit in limits.items():
+        value = getattr(result, key)
+        if value is None:
+            result.failures.append(f"{key}: never happened (limit {limit})")
+        elif value > limit:
+            result.failures.append(f"{key} {value:.3g} > {limit}" if isinstance(value, float)
+                                   else f"{key} {value} > {limit}")
+    result.passed = not result.failures
+
+
+def _write_report(report_dir: Path, result: ScenarioResult, rec: Recorder, timings: str) -> None:
+    events = sorted(rec.events, key=lambda e: e.t)
+    raw = report_dir / f"{result.name}.events.jsonl"
+    report_dir.mkdir(parents=True, exist_ok=True)
+    raw.write_text("".join(json.dumps(asdict(e)) + "\n" for e in events))
+    figures = {k: v for k, v in result.row().items() if k not in ("scenario", "ok", "why")}
+    html = timeline.render_html(result.name, result.description, result.passed, figures, events, timings)
+    result.timeline = str(timeline.write_html(report_dir / f"{result.name}.html", html))
+    result.events_file = str(raw)
+
+
+def timings_of(cluster: Cluster, thresholds: Thresholds) -> dict:
+    """The timings in force for a run (corosync's read from a host) and the pass marks derived from them."""
+    token, consensus = cluster.totem()
+    return asdict(cluster.inv.timings) | {
+        "corosync_token_in_force_ms": token, "corosync_consensus_in_force_ms": consensus,
+        "node_recovery_limit_s": (token + consensus) / 1000 + thresholds.node_slack_s,
+        "thresholds": asdict(thresholds), "push_rate": cluster.options.push_rate,
+        "get_rate": cluster.options.get_rate}
+
+
+def timings_summary(t: dict) -> str:
+    return (f"heartbeat {t['heartbeat_interval_ms']} ms, peer_timeout {t['peer_timeout_ms']} ms; corosync token "
+            f"{t['corosync_token_in_force_ms']} ms + consensus {t['corosync_consensus_in_force_ms']} ms in force "
+            f"(inventory: {t['corosync_token_ms']} + {t['corosync_consensus_ms']}); node faults must recover within "
+            f"{t['node_recovery_limit_s']:.2f} s, PE faults within {t['thresholds']['pe_recovery_s']} s; "
+            f"workload {t['push_rate']:g} pushes/s, {t['get_rate']:g} GETs/s")
+
+
+# ------------------------------------------------------------------------------------------- the run
+
+
+def run(inv: Inventory, scenarios: list[str], *, options: Options | None = None,
+        thresholds: Thresholds | None = None, report_dir: Path | None = None,
+        log: Log = lambda _: None) -> FailoverReport:
+    """Run each scenario in turn; the cluster is restored and healthy again before the next one starts."""
+    options, thresholds = options or Options(), thresholds or Thresholds()
+    unknown = [s for s in scenarios if s not in DESCRIPTIONS]
+    if unknown:
+        raise FailoverError(f"unknown scenario {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
+    started = time.monotonic()
+    cluster = Cluster(inv, options, log)
+    sink_address = options.sink_address or local_address_towards(inv.nodes[0].address)
+    sink = Sink(sink_address)
+    results: list[ScenarioResult] = []
+    try:
+        log("checking the cluster is healthy before the first fault")
+        cluster.wait_healthy(options.healthy_timeout_s)
+        probe = Probe(cluster, sink)
+        try:
+            for index, name in enumerate(scenarios):
+                log(f"{name}: {DESCRIPTIONS[name]}")
+                result = run_scenario(name, index, cluster, probe, sink, thresholds, report_dir)
+                results.append(result)
+                log(f"{name}: {'passed' if result.passed else 'FAILED'}; restoring and waiting until healthy")
+                cluster.cleanup()
+                cluster.wait_healthy(options.healthy_timeout_s)
+        finally:
+            probe.remove()
+        timings = timings_of(cluster, thresholds)
+    finally:
+        sink.close()
+        cluster.close()
+    report = FailoverReport(results, timings, str(report_dir) if report_dir else None,
+                            duration_s=time.monotonic() - started)
+    if report_dir:
+        (report_dir / "summary.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    return report
