@@ -42,24 +42,33 @@ render-demo: install
 
 LAB_DIR ?= labs/lab
 
-# The main job: check the example inventory with the real tools, make a 3-host lab, deploy onto it over SSH.
+# The main job: check the example inventory with the real tools, make a 3-host lab, deploy onto it over SSH,
+# show its status, then fail it five ways under load and report what was measured.
 demo: render-demo
-	@echo "== making a 3-host lab (network + mount namespaces, own sshd each) in $(LAB_DIR)" >&2
+	@echo "== 1/6 making a 3-host lab (network + mount namespaces, own sshd each) in $(LAB_DIR)" >&2
 	$(BIN)/congressctl lab up --nodes 3 --name lab --dir $(LAB_DIR)
-	@echo "== deploying over SSH: corosync, pacemaker, redis, haproxy, api-pe and dsd nodes" >&2
+	@echo "== 2/6 deploying over SSH: corosync, pacemaker, redis (bus), haproxy + VIP, api-pe nodes, one DSD" >&2
 	$(BIN)/congressctl deploy -i $(LAB_DIR)/inventory.yaml
-	@echo "== a second deploy changes nothing" >&2
+	@echo "== 3/6 a second deploy changes nothing and restarts nothing" >&2
 	$(BIN)/congressctl deploy -i $(LAB_DIR)/inventory.yaml
-	@echo "== where Pacemaker placed everything (from n1)" >&2
-	$(BIN)/congressctl lab exec n1 --name lab --dir $(LAB_DIR) -- crm_mon -1
-	@echo "== the API through the VIP" >&2
-	curl -s http://10.213.0.100:1789/v1/status; echo
-	@echo "== done. Tear the lab down with: $(BIN)/congressctl lab down --name lab --dir $(LAB_DIR)" >&2
+	@echo "== 4/6 status: hosts, Pacemaker placement, HAProxy backends, congress nodes, the DSD and its leader PE" >&2
+	$(BIN)/congressctl status -i $(LAB_DIR)/inventory.yaml
+	@echo "== 5/6 failover-test: kill/pause the leader PE, cut the DSD host, kill an api-pe host, cut the VIP host," >&2
+	@echo "==     each under 50 pushes/s and 50 GETs/s; every action counted at a sink by its id" >&2
+	@$(BIN)/congressctl failover-test -i $(LAB_DIR)/inventory.yaml --yes --report $(LAB_DIR)/failover-report; \
+	rc=$$?; \
+	echo "== 6/6 status after the faults" >&2; \
+	$(BIN)/congressctl status -i $(LAB_DIR)/inventory.yaml >/dev/null && echo "healthy again" >&2; \
+	echo "== timelines and raw events: $(LAB_DIR)/failover-report/<scenario>.html, summary.json" >&2; \
+	echo "== done. Tear the lab down with: $(BIN)/congressctl lab down --name lab --dir $(LAB_DIR)" >&2; \
+	exit $$rc
 
 bench: install
 	$(PY) bench/render.py
 	$(PY) bench/engine.py
 	$(PY) bench/bus.py
+	$(PY) bench/deploy.py
+	$(PY) bench/failover.py
 
 clean:
 	rm -rf out build dist *.egg-info

@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 import uuid
+import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Callable
 
 import httpx
 
-from congressctl import deploy, status, timeline
+from congressctl import deploy, remote, status, timeline, verify
 from congressctl.errors import CongressctlError, FailoverError
 from congressctl.inventory import Inventory, Node
 from congressctl.timeline import Event
@@ -622,14 +623,23 @@ def run_scenario(name: str, index: int, cluster: Cluster, probe: Probe, sink: Si
 def _drive(fault: Fault, cluster: Cluster, workload: Workload, sink: Sink, sink_start: float, rec: Recorder,
            t_fault: float) -> float | None:
     """Until recovered (or timed out), restored, and `after_s` of workload after recovery: poll and restore."""
+    watch = _PacemakerWatch(cluster, fault, rec) if fault.survivor else None
+    try:
+        return _drive_until_done(fault, cluster, workload, sink, sink_start, rec, t_fault, watch)
+    finally:
+        if watch:
+            watch.close()
+
+
+def _drive_until_done(fault: Fault, cluster: Cluster, workload: Workload, sink: Sink, sink_start: float,
+                      rec: Recorder, t_fault: float, watch: "_PacemakerWatch | None") -> float | None:
     options = cluster.options
     deadline = t_fault + options.recovery_timeout_s
-    membership = _Membership(cluster, fault, rec) if fault.survivor else None
     recovered = None
     while True:
         now = rec.now()
-        if membership:
-            membership.poll()
+        if watch:
+            watch.poll()
         if fault.restore and now >= (fault.restore_at or 0.0):
             fault.restore()
             fault.restore = None
@@ -643,34 +653,53 @@ def _drive(fault: Fault, cluster: Cluster, workload: Workload, sink: Sink, sink_
         time.sleep(0.05)
 
 
-class _Membership:
-    """Asks Pacemaker on a surviving host (at most every 0.5 s) whether it has seen the fault: the cut host
-    offline, or the killed api-pe not running."""
+class _PacemakerWatch:
+    """Asks Pacemaker on a surviving host, every 0.25 s over one SSH connection, whether it has seen the
+    fault: the cut host offline, or the killed api-pe not running (or a failed operation recorded for it,
+    when Pacemaker restarted it between two looks)."""
 
     def __init__(self, cluster: Cluster, fault: Fault, rec: Recorder):
         self.cluster, self.fault, self.rec = cluster, fault, rec
         self.next_poll = 0.0
+        self.conn: remote.Connection | None = None
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
 
     def poll(self) -> None:
         if self.fault.detected_at is not None or self.rec.now() < self.next_poll:
             return
-        self.next_poll = self.rec.now() + 0.5
+        self.next_poll = self.rec.now() + 0.25
         asked = self.rec.now()
         try:
-            with deploy.connect(self.cluster.inv, self.fault.survivor, self.cluster.options.accept_new) as conn:
-                placement = deploy.cluster_placement(conn)
+            if self.conn is None:
+                self.conn = deploy.connect(self.cluster.inv, self.fault.survivor, self.cluster.options.accept_new)
+            proc = self.conn.run("crm_mon -1 --output-as=xml", timeout=5, check=False)
         except CongressctlError:
+            self.close()
             return
-        if not placement:
+        if proc.exit_code != 0 or not proc.stdout.strip():
             return
-        if self.fault.target in placement.offline:
-            seen = f"{self.fault.target} offline"
-        elif self.fault.recovery == "pe-back" and self.fault.target not in placement.on("api-pe"):
-            seen = f"api-pe on {self.fault.target} not running"
-        else:
-            return
-        self.fault.detected_at = self.rec.add("detected", f"Pacemaker on {self.fault.survivor.name} sees {seen}",
-                                             t=asked)
+        seen = self._seen(proc.stdout)
+        if seen:
+            self.fault.detected_at = self.rec.add("detected", f"Pacemaker on {self.fault.survivor.name} sees {seen}",
+                                                 t=asked)
+
+    def _seen(self, xml_text: str) -> str | None:
+        target = self.fault.target
+        placement = verify.parse_crm_mon(xml_text)
+        if target in placement.offline:
+            return f"{target} offline"
+        if self.fault.recovery != "pe-back":
+            return None
+        if target not in placement.on("api-pe"):
+            return f"api-pe on {target} not running"
+        failures = ET.fromstring(xml_text).iter("failure")
+        if any(f.get("node") == target and (f.get("op_key") or "").startswith("api-pe") for f in failures):
+            return f"a failed api-pe operation on {target}"
+        return None
 
 
 def _recovered_at(fault: Fault, cluster: Cluster, workload: Workload, sink: Sink, sink_start: float,

@@ -137,7 +137,7 @@ def test_inventory_describes_the_lab(lab: Lab) -> None:
     assert [(n["name"], n["address"]) for n in inv["nodes"]] == [(h.name, h.address) for h in lab.hosts]
     assert [n["roles"] for n in inv["nodes"]] == [["api-pe", "dsd", "bus"], ["api-pe", "dsd"], ["api-pe", "dsd"]]
     assert inv["vip"] == {"address": lab.vip, "cidr": 24, "interface": "eth0"}
-    assert inv["dsd"]["preference"] == ["n1", "n2", "n3"]
+    assert inv["dsd"]["preference"] == ["n2", "n3", "n1"]   # not the bus host first
     assert (lab.inventory.parent / inv["ssh"]["key"]).samefile(lab.key)
     assert (lab.inventory.parent / inv["ssh"]["known_hosts"]).samefile(lab.known_hosts)
     assert lab.vip.rsplit(".", 1)[0] == lab.hosts[0].address.rsplit(".", 1)[0]

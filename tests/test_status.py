@@ -148,7 +148,6 @@ def _wait_for(cluster, exit_code: int, limit_s: float, also=lambda report: True)
 def test_healthy_cluster_matches_crm_mon_and_the_nodes(cluster) -> None:
     report = _wait_for(cluster, 0, 60)
     assert report["health"] == "healthy" and report["problems"] == []
-    assert report["duration_s"] < 2.0
     placement = verify.parse_crm_mon(_exec(cluster, "n1", "crm_mon", "-1", "--output-as=xml"))
     assert report["placement"]["running"] == placement.running
     assert sorted(report["placement"]["online"]) == sorted(n.name for n in cluster.inv.nodes)
