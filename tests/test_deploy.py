@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import yaml
 
 from congressctl import lab as labmod
 from congressctl import verify
-from fixtures_cluster import congressctl
+from fixtures_cluster import CLI, congressctl
 
 pytestmark = pytest.mark.lab
 
@@ -134,4 +136,28 @@ def test_unreachable_host_fails_rolls_back_and_next_deploy_converges(cluster, tm
         assert "full_sync_interval_s: 31" in _exec(cluster, node.name, "cat", "/etc/congressctl/congress.yaml")
     back = congressctl("deploy", "-i", str(cluster.inventory_path), "--output", "json", timeout=600)
     assert back.returncode == 0, back.stderr[-3000:]
+    assert verify.placement_problems(cluster.inv, _placement(cluster)) == []
+
+
+def test_ctrl_c_mid_deploy_leaves_every_file_whole_and_the_next_deploy_converges(cluster, tmp_path: Path) -> None:
+    changed = _changed_inventory(cluster, tmp_path)
+    path = "/etc/congressctl/congress.yaml"
+    before = {n.name: _exec(cluster, n.name, "cat", path) for n in cluster.inv.nodes}
+    proc = subprocess.Popen([*CLI, "deploy", "-i", str(changed)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    for node in cluster.inv.nodes:
+        now = _exec(cluster, node.name, "cat", path)
+        assert now == before[node.name] or "full_sync_interval_s: 31" in now, f"{node.name}: {now!r}"
+        assert yaml.safe_load(now)["node_id"] == node.name
+        leftovers = _exec(cluster, node.name, "find", "/etc/congressctl", "/etc/corosync", "/etc/haproxy",
+                          "/usr/lib/ocf/resource.d/congressctl", "-name", "*.tmp-*")
+        assert leftovers.strip() == "", f"{node.name}: temporary files left: {leftovers}"
+    back = congressctl("deploy", "-i", str(cluster.inventory_path), "--output", "json", timeout=600)
+    assert back.returncode == 0, back.stderr[-3000:]
+    for node in cluster.inv.nodes:
+        assert _exec(cluster, node.name, "cat", path) == before[node.name]
     assert verify.placement_problems(cluster.inv, _placement(cluster)) == []
