@@ -36,6 +36,11 @@ def leader_of(node):
     return leader["node"] if leader else None
 
 
+def leader_and_survivor(a, b):
+    leader_id = wait_for(lambda: leader_of(a), 10, what="a DSD leader")
+    return (a, b) if leader_id == a.node_id else (b, a)
+
+
 def push(node, k):
     """Table = a sliding window of WINDOW rows ending at k: each push makes exactly one new row appear."""
     rows = [[i] for i in range(max(0, k - WINDOW + 1), k + 1)]
@@ -57,9 +62,7 @@ def dsd_counts(node):
 
 @pytest.mark.slow
 def test_kill_leader_mid_stream_every_action_exactly_once(node_cluster, sink):
-    dsd, a, b = setup_stream(node_cluster, sink)
-    leader_id = wait_for(lambda: leader_of(a), 10, what="a DSD leader")
-    leader, survivor = (a, b) if leader_id == "n1" else (b, a)
+    leader, survivor = leader_and_survivor(*setup_stream(node_cluster, sink)[1:])
     n = 120
     killed_at = None
     for k in range(n):
@@ -80,9 +83,7 @@ def test_kill_leader_mid_stream_every_action_exactly_once(node_cluster, sink):
 
 @pytest.mark.slow
 def test_pause_leader_then_resume_still_exactly_once(node_cluster, sink):
-    dsd, a, b = setup_stream(node_cluster, sink)
-    leader_id = wait_for(lambda: leader_of(a), 10, what="a DSD leader")
-    leader, survivor = (a, b) if leader_id == "n1" else (b, a)
+    leader, survivor = leader_and_survivor(*setup_stream(node_cluster, sink)[1:])
     n = 120
     paused_at = None
     for k in range(n):

@@ -22,12 +22,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from congressctl.bus import Bus, Channels, make_redis, new_incarnation
+from congressctl.bus import Bus
 from congressctl.errors import BusError, DatasourceConfigError, PolicyError
 from congressctl.node.config import NodeConfig
 from congressctl.node.drivers import coerce_rows, normalize_datasource, table_columns
 from congressctl.node.pe import PolicyNode, rows_of
-from congressctl.node.runtime import Worker
+from congressctl.node.runtime import BusWorker
 from congressctl.node.store import Store
 
 log = logging.getLogger("congressctl.api")
@@ -425,13 +425,9 @@ class _Server(uvicorn.Server):
         return contextlib.nullcontext()
 
 
-class ApiPeNode(Worker):
+class ApiPeNode(BusWorker):
     def __init__(self, cfg: NodeConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.incarnation = new_incarnation()
-        self.channels = Channels(cfg.cluster)
-        self.redis = make_redis(cfg.bus.host, cfg.bus.port, cfg.bus.password, cfg.bus.tls, cfg.bus.tls_ca_file)
+        super().__init__(cfg)
         self.store = Store(self.redis, self.channels, origin=f"{cfg.node_id}/{self.incarnation}")
         t = cfg.timings
         self.pe = PolicyNode(self.store, cfg.node_id, self.incarnation, t.peer_timeout_s)

@@ -27,11 +27,11 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from congressctl.bus import Bus, Channels, make_redis, new_incarnation
+from congressctl.bus import Bus
 from congressctl.errors import ActionDeliveryError, BusError, DatasourceConfigError
 from congressctl.node.config import NodeConfig
 from congressctl.node.drivers import Driver, HttpPoster, Row, make_driver
-from congressctl.node.runtime import Worker
+from congressctl.node.runtime import BusWorker
 from congressctl.node.store import Store, row_key
 
 log = logging.getLogger("congressctl.dsd")
@@ -160,13 +160,9 @@ class StaleEpoch(Exception):
     """This DSD's epoch is older than the store's: another DSD took over."""
 
 
-class DsdNode(Worker):
+class DsdNode(BusWorker):
     def __init__(self, cfg: NodeConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.incarnation = new_incarnation()
-        self.channels = Channels(cfg.cluster)
-        self.redis = make_redis(cfg.bus.host, cfg.bus.port, cfg.bus.password, cfg.bus.tls, cfg.bus.tls_ca_file)
+        super().__init__(cfg)
         self.store = Store(self.redis, self.channels)
         t = cfg.timings
         self.leadership = Leadership(t.peer_timeout_s, buffer_s=2 * t.peer_timeout_s + 1.0)

@@ -16,6 +16,9 @@ import sys
 from pathlib import Path
 from typing import Any, Coroutine
 
+from congressctl.bus import Channels, make_redis, new_incarnation
+from congressctl.node.config import NodeConfig
+
 log = logging.getLogger("congressctl.node")
 
 GRACE_S = 0.8
@@ -133,3 +136,14 @@ class Worker:
             log.warning("shutdown incomplete: %s", exc)
         log.info("stopped, exit code %d (pid %d)", code, os.getpid())
         return code
+
+
+class BusWorker(Worker):
+    """A node on the control bus: its config, a new incarnation, the cluster's channels and a Redis client."""
+
+    def __init__(self, cfg: NodeConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.incarnation = new_incarnation()
+        self.channels = Channels(cfg.cluster)
+        self.redis = make_redis(cfg.bus.host, cfg.bus.port, cfg.bus.password, cfg.bus.tls, cfg.bus.tls_ca_file)
