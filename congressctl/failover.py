@@ -286,13 +286,14 @@ class Workload:
             def one() -> None:
                 started = self.rec.now()
                 try:
-                    ok = client.get(url).status_code == 200
-                except httpx.HTTPError:
-                    ok = False
+                    code = client.get(url).status_code
+                    ok, why = code == 200, f"HTTP {code}"
+                except httpx.HTTPError as exc:
+                    ok, why = False, type(exc).__name__
                 with self.rec.lock:
                     self.gets.append((started, ok))
                 if not ok:
-                    self.rec.add("request", "GET failed", ok=False, t=started)
+                    self.rec.add("request", f"GET failed: {why}", ok=False, t=started)
             futures = []
             self._paced(self.options.get_rate, lambda: futures.append(pool.submit(one)))
             for f in futures:

@@ -160,3 +160,17 @@ def test_sigterm_stops_cleanly_and_unhealthy_without_bus(node_cluster):
     lines = [l for l in (node_cluster.dir / "logs" / "n1" / "api-pe.log").read_text().splitlines() if l.strip()]
     assert lines and all(" n1 api-pe " in l for l in lines if l[:4].isdigit())
     assert node_cluster.redis.password not in (node_cluster.dir / "logs" / "n1" / "api-pe.log").read_text()
+
+
+def test_a_node_that_never_synced_answers_503_not_an_empty_mirror(node_cluster):
+    """HAProxy retries a 503 on another node; a 404 for a policy that exists would reach the client."""
+    node_cluster.redis.stop()
+    a = node_cluster.add("api-pe", "n1", start=False)
+    a.start()
+    wait_for(lambda: a.get("/healthz", timeout=2)[0] == 503, 15, what="the API listening, unhealthy")
+    status, body = a.get("/v1/policies/anything/rules", timeout=2)
+    assert status == 503 and "not synced" in body["error"]["message"]
+    assert a.get("/v1/status", timeout=2)[0] == 200
+    node_cluster.redis.start()
+    node_cluster.wait_healthy(a)
+    assert a.get("/v1/policies/anything/rules", timeout=2)[0] == 404

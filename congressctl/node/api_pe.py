@@ -378,13 +378,25 @@ class Api:
             (d + "/tables/{table}/rows", self.datasource_rows, ["GET"], None),
             (d + "/tables/{table}/rows", self.push_rows, ["PUT"], None),
         ]
-        return [Route(path, guarded(fn), methods=methods, name=name or f"{fn.__name__}-{'-'.join(methods)}")
+        gated = ("/v1/policies", "/v1/data-sources", "/v1/system")
+        return [Route(path, guarded(fn, self._not_synced if path.startswith(gated) else None), methods=methods,
+                      name=name or f"{fn.__name__}-{'-'.join(methods)}")
                 for path, fn, methods, name in spec]
 
+    def _not_synced(self) -> str | None:
+        """Until its first sync a node would answer from an empty mirror (a 404 for a policy that exists):
+        a 503 instead lets HAProxy retry the request on another node."""
+        return None if self.node.synced else "policy engine not synced yet; try another node"
 
-def guarded(fn: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
-    """Turn the named errors into clear 4xx/503 answers; nothing else is caught."""
+
+def guarded(fn: Callable[[Request], Awaitable[Response]],
+            unready: Callable[[], str | None] | None = None) -> Callable[[Request], Awaitable[Response]]:
+    """Turn the named errors into clear 4xx/503 answers; nothing else is caught. `unready` names why the
+    node cannot answer yet (503)."""
     async def endpoint(request: Request) -> Response:
+        problem = unready() if unready else None
+        if problem:
+            return error_response(503, problem)
         try:
             return await fn(request)
         except ApiError as exc:
