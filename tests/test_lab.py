@@ -317,7 +317,7 @@ def test_corosync_and_pacemaker_form_a_quorate_cluster_and_down_stops_them(tmp_p
                         for i, h in enumerate(lab.hosts, 1))
         conf = COROSYNC_CONF.format(name=name, nodes=nodes).encode()
         for h in lab.hosts:
-            sh(lab, h.name, "cat > /etc/corosync/corosync.conf && corosync && "
+            sh(lab, h.name, "mkdir -p /var/log/cluster && cat > /etc/corosync/corosync.conf && corosync && "
                             "(setsid pacemakerd </dev/null >/dev/null 2>&1 &)", input=conf)
         deadline = time.monotonic() + 120
         while True:
