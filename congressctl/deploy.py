@@ -16,8 +16,10 @@ import hashlib
 import os
 import secrets as pysecrets
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import threading
 import xml.etree.ElementTree as ET
@@ -149,7 +151,8 @@ def source_digest(root: Path) -> str:
 
 
 def build_wheelhouse(state_dir: Path, python_version: str, timeout: float = 600) -> Wheelhouse:
-    """congressctl's wheel plus every dependency's for the hosts' Python (hosts need no package index).
+    """congressctl's wheel plus every dependency's for the hosts' Python (hosts need no package index),
+    and pip's own wheel, which the hosts run straight from the file (see _install_package).
 
     Built once per (source digest, host Python version). pip resolves for the local interpreter, so
     dependencies whose markers hold only on the hosts' version (e.g. async-timeout below 3.11.3) are added.
@@ -159,11 +162,24 @@ def build_wheelhouse(state_dir: Path, python_version: str, timeout: float = 600)
     folder = state_dir / "wheelhouse" / digest
     if not (folder / ".complete").exists():
         folder.mkdir(parents=True, exist_ok=True)
-        _pip(["wheel", "--quiet", "-w", str(folder), str(root)], timeout)
+        with tempfile.TemporaryDirectory(prefix="congressctl-src-") as tmp:
+            _pip(["wheel", "--quiet", "-w", str(folder), str(_source_copy(root, Path(tmp)))], timeout)
+        _pip(["download", "--quiet", "--no-deps", "--only-binary=:all:", "-d", str(folder), "pip"], timeout)
         for requirement in _missing_for(folder, python_version):
             _pip(["download", "--quiet", "--no-deps", "--only-binary=:all:", "-d", str(folder), requirement], timeout)
         (folder / ".complete").write_text(digest)
     return Wheelhouse(digest=digest, wheels=sorted(folder.glob("*.whl")))
+
+
+def _source_copy(root: Path, into: Path) -> Path:
+    """The files source_digest hashes, alone: setuptools reuses the checkout's build/ folder, so a wheel built
+    in place can carry a module deleted since (or race another deploy building at the same time)."""
+    src = into / "src"
+    src.mkdir()
+    shutil.copy2(root / "setup.py", src / "setup.py")
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(root / "congressctl", src / "congressctl", ignore=ignore)   # templates/ link followed
+    return src
 
 
 def _pip(args: list[str], timeout: float) -> None:
@@ -316,19 +332,29 @@ class _failing_as:
 
 
 def _install_package(conn: remote.Connection, wheelhouse: Wheelhouse) -> bool:
+    """Install the wheelhouse into the host's venv, with pip run from its wheel file.
+
+    The venv is made without ensurepip and nothing is byte-compiled at install: those two cost about 6 s of
+    CPU per host, which on a big cluster of small machines (or a lab on one) was most of a first deploy.
+    Modules compile when first imported instead.
+    """
     stamp = (conn.read_file(STAMP) or b"").decode().strip()
     if stamp == wheelhouse.digest:
         return False
     conn.run(f"mkdir -p {WHEELS} && rm -f {WHEELS}/*.whl", timeout=30)
     for wheel in wheelhouse.wheels:
         conn.put_file(f"{WHEELS}/{wheel.name}", wheel.read_bytes(), keep_previous=False)
-    main_wheel = next(w.name for w in wheelhouse.wheels if w.name.startswith("congressctl-"))
-    conn.run(f"test -x {VENV}/bin/python || python3 -m venv {VENV}", timeout=120)
-    conn.run(f"{VENV}/bin/pip install --quiet --no-index --find-links {WHEELS} {WHEELS}/{main_wheel} && "
-             f"{VENV}/bin/pip install --quiet --no-index --no-deps --force-reinstall {WHEELS}/{main_wheel}",
-             timeout=300)
+    main_wheel = _wheel_named("congressctl", wheelhouse)
+    pip = f"{VENV}/bin/python {WHEELS}/{_wheel_named('pip', wheelhouse)}/pip install --quiet --no-index --no-compile"
+    conn.run(f"test -x {VENV}/bin/python || python3 -m venv --without-pip {VENV}", timeout=120)
+    conn.run(f"{pip} --find-links {WHEELS} {WHEELS}/{main_wheel} && "
+             f"{pip} --no-deps --force-reinstall {WHEELS}/{main_wheel}", timeout=300)
     conn.put_file(STAMP, wheelhouse.digest.encode() + b"\n", keep_previous=False)
     return True
+
+
+def _wheel_named(project: str, wheelhouse: Wheelhouse) -> str:
+    return next(w.name for w in wheelhouse.wheels if canonicalize_name(w.name.split("-")[0]) == project)
 
 
 def _roll_back(inv: Inventory, reports: dict[str, HostReport], progress: Progress | None, max_workers: int) -> None:
