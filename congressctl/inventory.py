@@ -90,6 +90,13 @@ class Pacemaker:
     resource_stickiness: int = 100
 
 
+@dataclass(frozen=True)
+class Corosync:
+    # corosync's own default: realtime round-robin scheduling at top priority. Right on a real host; on a
+    # lab, where every host's corosync shares one machine's cores, a dozen of them starve everything else.
+    sched_rr: bool = True
+
+
 @dataclass
 class Inventory:
     path: Path
@@ -100,6 +107,7 @@ class Inventory:
     bus: Bus
     timings: Timings
     pacemaker: Pacemaker
+    corosync: Corosync
     dsd_preference: list[str]
     ssh: SshSettings
     state_dir: Path
@@ -371,7 +379,7 @@ def _read_fence_devices(m: _Map) -> tuple[FenceDevice, ...]:
     return tuple(devices)
 
 
-TOP_KEYS = ("cluster", "nodes", "vip", "api", "bus", "timings", "pacemaker", "dsd", "ssh", "state_dir")
+TOP_KEYS = ("cluster", "nodes", "vip", "api", "bus", "timings", "corosync", "pacemaker", "dsd", "ssh", "state_dir")
 
 
 def load_inventory(path: str | Path) -> Inventory:
@@ -421,11 +429,13 @@ def _read_top(top: _Map, path: Path) -> Inventory:
     bus = _read_bus(top.mapping("bus"))
     timings = _read_timings(top.mapping("timings"))
     pacemaker = _read_fencing(top.mapping("pacemaker"))
+    corosync = _read_corosync(top.mapping("corosync"))
     dsd = top.mapping("dsd")
     preference = _read_preference(dsd, nodes)
     state_dir = top.get("state_dir", str, ".congressctl-state", _safe_text)
     return Inventory(path=path.resolve(), cluster=cluster or "", nodes=nodes, vip=vip, api_port=api_port or 1789,
-                     bus=bus, timings=timings, pacemaker=pacemaker, dsd_preference=preference, ssh=ssh,
+                     bus=bus, timings=timings, pacemaker=pacemaker, corosync=corosync,
+                     dsd_preference=preference, ssh=ssh,
                      state_dir=(path.resolve().parent / (state_dir or ".congressctl-state")))
 
 
@@ -456,6 +466,14 @@ def _read_bus(m: _Map | None) -> Bus:
     tls = m.get("tls", bool, False)
     m.finish(("port", "password_file", "password_env", "vip", "tls", "password"))
     return Bus(port=port or 6379, password_file=password_file, password_env=password_env, vip=vip, tls=bool(tls))
+
+
+def _read_corosync(m: _Map | None) -> Corosync:
+    if m is None:
+        return Corosync()
+    sched_rr = m.get("sched_rr", bool, True)
+    m.finish(("sched_rr",))
+    return Corosync(sched_rr=sched_rr is not False)
 
 
 def _read_timings(m: _Map | None) -> Timings:
@@ -613,7 +631,7 @@ def _add_warnings(inv: Inventory) -> None:
 
 
 def generate(nodes: int, *, cluster: str = "gen", subnet: str = "10.213.0", dsd: int = 3, bus: int = 1,
-             api_pe: int | None = None) -> dict:
+             api_pe: int | None = None, sched_rr: bool = True) -> dict:
     """A valid inventory as plain data: `nodes` hosts at <subnet>.11.., the first `dsd` allowed to run the
     DSD, the first `bus` carrying the bus, the last `api_pe` (default all) running api-pe. For tests, the
     benchmark and the lab."""
@@ -634,4 +652,6 @@ def generate(nodes: int, *, cluster: str = "gen", subnet: str = "10.213.0", dsd:
     }
     if bus > 1:
         data["bus"]["vip"] = f"{subnet}.251"
+    if not sched_rr:
+        data["corosync"] = {"sched_rr": False}
     return data

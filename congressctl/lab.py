@@ -422,6 +422,9 @@ def _inventory(lab: Lab) -> dict:
         "bus": {"port": 6379},
         "timings": {"heartbeat_interval_ms": 200, "peer_timeout_ms": 1000, "corosync_token_ms": 1000,
                     "corosync_consensus_ms": 1200},
+        # Every host's corosync shares this machine's cores: at realtime priority (corosync's default) they
+        # starve pacemaker and each other, and a 12-host lab never forms.
+        "corosync": {"sched_rr": False},
         "pacemaker": {"fencing": "disabled", "no_quorum_policy": "stop", "resource_stickiness": 100},
         "dsd": {"preference": dsd},
         "ssh": {"user": "root", "port": SSH_PORT, "key": lab.key.name, "known_hosts": lab.known_hosts.name},

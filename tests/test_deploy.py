@@ -50,6 +50,14 @@ def test_first_deploy_starts_everything_in_place(cluster) -> None:
     assert placement.quorum and sorted(placement.online) == sorted(n.name for n in cluster.inv.nodes)
 
 
+def test_lab_corosync_runs_without_realtime_priority_as_its_inventory_asks(cluster) -> None:
+    """The lab's inventory turns corosync's realtime scheduling off (its hosts share this machine's cores)."""
+    assert cluster.inv.corosync.sched_rr is False
+    for host in cluster.inv.nodes:
+        pid = _exec(cluster, host.name, "pgrep", "-x", "corosync").split()[0]
+        assert "SCHED_OTHER" in _exec(cluster, host.name, "chrt", "-p", pid), host.name
+
+
 def test_api_answers_through_the_vip_and_policies_reach_every_node(cluster) -> None:
     vip = f"http://{cluster.inv.vip.address}:{cluster.inv.api_port}"
     assert httpx.get(f"{vip}/v1", timeout=5).status_code == 200

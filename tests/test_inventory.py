@@ -104,6 +104,10 @@ BAD = [
     ("fencing-bogus", "fencing: disabled", "fencing: none", "pacemaker:", "pacemaker.fencing", "not one of disabled"),
     ("duplicate-key", "api: {port: 1789}", "api: {port: 1789, port: 1790}", "api:", "api.port", "duplicate key"),
     ("empty-file", GOOD, "", None, None, "empty"),
+    ("corosync-sched-rr-type", "ssh: {user: root, port: 22}", "ssh: {user: root, port: 22}\ncorosync: {sched_rr: 0}",
+     "corosync:", "corosync.sched_rr", "expected bool"),
+    ("corosync-unknown-key", "ssh: {user: root, port: 22}", "ssh: {user: root, port: 22}\ncorosync: {realtime: no}",
+     "corosync:", "corosync.realtime", "known keys: sched_rr"),
     ("ssh-port-type", "ssh: {user: root, port: 22}", "ssh: {user: root, port: [22]}", "ssh:", "ssh.port",
      "expected int"),
 ]

@@ -94,6 +94,14 @@ def test_multi_bus_is_a_promotable_clone_with_a_following_address(tmp_path: Path
     assert single.find(".//clone[@id='bus-clone']") is None and single.find(".//primitive[@id='bus']") is not None
 
 
+def test_corosync_realtime_scheduling_is_corosyncs_default_unless_the_inventory_turns_it_off(tmp_path: Path) -> None:
+    def conf(**kw) -> str:
+        inv = _inv(tmp_path, 3, **kw)
+        return next(f.content.decode() for f in render_all(inv)["n1"] if f.path.endswith("corosync.conf"))
+    assert "sched_rr" not in conf()
+    assert "system {\n    sched_rr: no\n}" in conf(sched_rr=False)
+
+
 def test_fence_device_values_are_escaped_in_xml(tmp_path: Path) -> None:
     data = generate(3)
     data["pacemaker"]["fencing"] = {"devices": [{"name": "ipmi", "agent": "fence_ipmilan", "hosts": ["n1"],

@@ -21,6 +21,7 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "inventory.example.yaml"
 SHAPES = {
     "2-nodes": dict(nodes=2, dsd=2),
     "3-nodes-one-dsd-spare": dict(nodes=3, dsd=2, api_pe=2),
+    "3-nodes-no-realtime": dict(nodes=3, dsd=3, sched_rr=False),
     "5-nodes-3-bus": dict(nodes=5, dsd=3, bus=3, api_pe=3),
     "7-nodes": dict(nodes=7, dsd=4, api_pe=5),
 }
