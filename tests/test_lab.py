@@ -19,7 +19,7 @@ import yaml
 
 from congressctl.errors import LabError
 from congressctl.inventory import load_inventory
-from congressctl.lab import Lab, check_capabilities, lab_down, lab_exec, lab_load, lab_status, lab_up
+from congressctl.lab import Lab, check_capabilities, corosync_realtime, lab_down, lab_exec, lab_load, lab_status, lab_up
 from fixtures_lab import require_lab, session_lab_name
 
 pytestmark = pytest.mark.lab
@@ -141,6 +141,12 @@ def test_inventory_describes_the_lab(lab: Lab) -> None:
     assert (lab.inventory.parent / inv["ssh"]["key"]).samefile(lab.key)
     assert (lab.inventory.parent / inv["ssh"]["known_hosts"]).samefile(lab.known_hosts)
     assert lab.vip.rsplit(".", 1)[0] == lab.hosts[0].address.rsplit(".", 1)[0]
+    assert inv["corosync"]["sched_rr"] is corosync_realtime(len(lab.hosts), os.cpu_count() or 1)
+
+
+def test_lab_corosyncs_give_up_realtime_priority_when_they_would_crowd_the_cores() -> None:
+    assert corosync_realtime(3, 2) and corosync_realtime(4, 2)
+    assert not corosync_realtime(12, 2) and not corosync_realtime(5, 2)
 
 
 def test_inventory_passes_the_inventory_validator(lab: Lab) -> None:

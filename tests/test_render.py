@@ -67,6 +67,17 @@ def test_node_config_points_at_the_bus(tmp_path: Path) -> None:
     assert yaml.safe_load(_files(multi, "n4")["/etc/congressctl/congress.yaml"])["bus"]["host"] == multi.bus.vip
 
 
+def test_node_processes_output_and_their_own_log_are_different_files(tmp_path: Path) -> None:
+    """The OCF agents send a node's stdout/stderr (which carries its log lines too) to `logfile`: were that the
+    node's own <log_dir>/<role>.log, every line would be written there twice."""
+    inv = _inv(tmp_path, 3)
+    log_dir = yaml.safe_load(_files(inv, "n1")["/etc/congressctl/congress.yaml"])["paths"]["log_dir"]
+    root = ET.fromstring(render_cib(inv))
+    for resource, role in (("api-pe", "api-pe"), ("dsd", "dsd")):
+        params = {n.get("name"): n.get("value") for n in root.find(f".//primitive[@id='{resource}']").iter("nvpair")}
+        assert params["logfile"].startswith(log_dir + "/") and params["logfile"] != f"{log_dir}/{role}.log"
+
+
 def test_cib_structure(tmp_path: Path) -> None:
     inv = _inv(tmp_path, 5, dsd=3, api_pe=4)
     root = ET.fromstring(render_cib(inv))
