@@ -45,7 +45,7 @@ def emit(rows: list[dict], output: str, title: str | None = None, columns: list[
     columns = columns or (list(rows[0]) if rows else [])
     table = Table(title=title, title_justify="left")
     for column in columns:
-        table.add_column(column)
+        table.add_column(column, overflow="fold")   # a narrow terminal or a pipe wraps a value, never cuts it
     for row in rows:
         table.add_row(*(_cell(c, row.get(c)) for c in columns))
     out.print(table)
