@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -14,7 +15,10 @@ from rich.table import Table
 
 from congressctl.errors import CongressctlError
 
-out = Console()
+PIPE_WIDTH = 200
+
+# Piped or redirected, rich would lay tables out for 80 columns; a file has no screen to fit.
+out = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else PIPE_WIDTH)
 err = Console(stderr=True)
 
 inventory_option = click.option("-i", "--inventory", "inventory_path", required=True,
