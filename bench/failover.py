@@ -2,7 +2,7 @@
 
 Targets (issue 6): pe-leader-kill and pe-leader-pause recover <= 1.5 s with 0 lost and 0 duplicated;
 dsd-node-fail and vip-node-fail recover <= corosync token + consensus (in force) + 2 s; api-node-fail has
-0 failed GETs. Needs root. Run: .venv/bin/python bench/failover.py [--keep]
+0 failed GETs. Needs root. Run: .venv/bin/python bench/failover.py [--keep DIR] [--report DIR]
 """
 
 from __future__ import annotations
@@ -26,16 +26,20 @@ def congressctl(*args: str, timeout: float = 1800, ok: tuple[int, ...] = (0,)) -
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
+    parser.add_argument("--keep", metavar="DIR", type=Path,
+                        help="make the lab in DIR and leave it up afterwards (default: a temporary folder, removed)")
+    parser.add_argument("--report", metavar="DIR", type=Path,
+                        help="write failover-test's report (timelines, raw events) here, to keep it")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-failover-") as tmp:
-        lab = Path(tmp) / "bf"
+        lab = (args.keep or Path(tmp)) / "bf"
+        report = args.report or lab / "report"
         congressctl("lab", "up", "--nodes", "3", "--name", "bf", "--dir", str(lab))
         try:
             inventory = str(lab / "inventory.yaml")
             congressctl("deploy", "-i", inventory)
             summary = json.loads(congressctl("failover-test", "-i", inventory, "--yes", "--output", "json",
-                                             "--report", str(lab / "report"), ok=(0, 1)))
+                                             "--report", str(report), ok=(0, 1)))
         finally:
             if not args.keep:
                 subprocess.run([CLI, "lab", "down", "--name", "bf", "--dir", str(lab)], capture_output=True,
