@@ -164,9 +164,9 @@ def build_wheelhouse(state_dir: Path, python_version: str, timeout: float = 600)
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="congressctl-src-") as tmp:
             _pip(["wheel", "--quiet", "-w", str(folder), str(_source_copy(root, Path(tmp)))], timeout)
-        _pip(["download", "--quiet", "--no-deps", "--only-binary=:all:", "-d", str(folder), "pip"], timeout)
-        for requirement in _missing_for(folder, python_version):
-            _pip(["download", "--quiet", "--no-deps", "--only-binary=:all:", "-d", str(folder), requirement], timeout)
+        for requirement in ["pip", *_missing_for(folder, python_version)]:
+            _pip(["download", "--quiet", "--no-deps", "--only-binary=:all:", "--python-version", python_version,
+                  "-d", str(folder), requirement], timeout)
         (folder / ".complete").write_text(digest)
     return Wheelhouse(digest=digest, wheels=sorted(folder.glob("*.whl")))
 
