@@ -92,8 +92,8 @@ class Pacemaker:
 
 @dataclass(frozen=True)
 class Corosync:
-    # corosync's own default: realtime round-robin scheduling at top priority. Right on a real host; on a
-    # lab, where every host's corosync shares one machine's cores, a dozen of them starve everything else.
+    # corosync's own default (realtime round-robin, top priority), right on a real host; lab.corosync_realtime
+    # says when a lab, whose hosts share one machine's cores, turns it off.
     sched_rr: bool = True
 
 
