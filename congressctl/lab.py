@@ -407,14 +407,14 @@ def _log_tail(lab: Lab, h: LabHost) -> str:
     return " | ".join(lines[-5:]) or "empty log"
 
 
-def corosync_realtime(hosts: int, cores: int) -> bool:
+def corosync_realtime(hosts: int, cores: int | None = None) -> bool:
     """Whether the lab's corosyncs keep corosync's realtime scheduling: they all share this machine's cores.
 
     Seen on 2 cores: 12 realtime corosyncs starved pacemaker and each other, and the cluster never formed
     (it formed at once without); 3 realtime ones detect and recover from a lost host faster (dsd-node-fail
     3.3-4.4 s, against 5.1-5.3 s without).
     """
-    return hosts <= 2 * cores
+    return hosts <= 2 * (cores or os.cpu_count() or 1)
 
 
 def _inventory(lab: Lab) -> dict:
@@ -432,7 +432,7 @@ def _inventory(lab: Lab) -> dict:
         "bus": {"port": 6379},
         "timings": {"heartbeat_interval_ms": 200, "peer_timeout_ms": 1000, "corosync_token_ms": 1000,
                     "corosync_consensus_ms": 1200},
-        "corosync": {"sched_rr": corosync_realtime(len(lab.hosts), os.cpu_count() or 1)},
+        "corosync": {"sched_rr": corosync_realtime(len(lab.hosts))},
         "pacemaker": {"fencing": "disabled", "no_quorum_policy": "stop", "resource_stickiness": 100},
         "dsd": {"preference": dsd},
         "ssh": {"user": "root", "port": SSH_PORT, "key": lab.key.name, "known_hosts": lab.known_hosts.name},

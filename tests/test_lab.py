@@ -141,7 +141,7 @@ def test_inventory_describes_the_lab(lab: Lab) -> None:
     assert (lab.inventory.parent / inv["ssh"]["key"]).samefile(lab.key)
     assert (lab.inventory.parent / inv["ssh"]["known_hosts"]).samefile(lab.known_hosts)
     assert lab.vip.rsplit(".", 1)[0] == lab.hosts[0].address.rsplit(".", 1)[0]
-    assert inv["corosync"]["sched_rr"] is corosync_realtime(len(lab.hosts), os.cpu_count() or 1)
+    assert inv["corosync"]["sched_rr"] is corosync_realtime(len(lab.hosts))
 
 
 def test_lab_corosyncs_give_up_realtime_priority_when_they_would_crowd_the_cores() -> None:
