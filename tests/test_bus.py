@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pytest
+
 from congressctl.bus import Bus, Channels, make_redis
-from congressctl.node.dsd import Leadership, Request
+from congressctl.node.dsd import Leadership, Request, requests_of
 from congressctl.node.store import Store, row_key
 
 
@@ -70,10 +72,45 @@ def test_claim_action_is_once(redis_server):
     async def go():
         r = client_for(redis_server)
         store = Store(r, Channels("c"))
-        claims = await asyncio.gather(*[store.claim_action("abc", 60) for _ in range(5)])
+        claims = await asyncio.gather(*[store.claim_actions(["abc", f"x{i}"], 60) for i in range(5)])
+        again = await store.claim_actions(["abc", "x0", "new"], 60)
+        ttl = await r.ttl("congress:c:executed:abc")
         await r.aclose()
-        return claims
-    assert run(go()).count(True) == 1
+        return claims, again, ttl
+    claims, again, ttl = run(go())
+    assert [c[0] for c in claims].count(True) == 1
+    assert all(c[1] for c in claims)
+    assert again == [False, False, True]
+    assert 0 < ttl <= 60
+
+
+def test_pushed_rows_carry_a_version_in_store_and_notice(redis_server):
+    async def go():
+        r = client_for(redis_server)
+        ch = Channels("c")
+        store = Store(r, ch)
+        ds = {"id": "d1", "name": "feed", "config": {"tables": {"t": {"columns": ["a"]}}}}
+        assert not await store.push_rows(ds, "t", [[1]])   # no such datasource: nothing written
+        never = await store.pushed_rows("d1", "t")
+        await store.create_datasource(ds)
+        pubsub = r.pubsub()
+        await pubsub.subscribe(ch.push)
+        await pubsub.get_message(timeout=1)
+        assert await store.push_rows(ds, "t", [[1], [2]])
+        assert await store.push_rows(ds, "t", [[3]])
+        notices = [json.loads((await pubsub.get_message(timeout=1))["data"]) for _ in range(2)]
+        latest = await store.pushed_rows("d1", "t")
+        await store.delete_datasource(ds)
+        left = await r.keys("congress:c:push*")
+        await pubsub.aclose()
+        await r.aclose()
+        return never, notices, latest, left
+    never, notices, latest, left = run(go())
+    assert never == (0, [])
+    assert notices == [{"ds_id": "d1", "table": "t", "v": 1, "rows": [[1], [2]]},
+                       {"ds_id": "d1", "table": "t", "v": 2, "rows": [[3]]}]
+    assert latest == (2, [(3,)])
+    assert left == []
 
 
 def test_policy_and_rule_writes_are_atomic_with_notices(redis_server):
@@ -243,3 +280,16 @@ def test_buffers_expire_and_executed_ids_are_bounded():
     for i in range(100, 130):
         lead.request(req(i, A, 3.0), 3.0)
     assert len(lead.executed) == 10
+
+
+def test_action_message_parsing():
+    message = {"pe": "n1", "inc": "i1", "reqs": [{"id": "a", "ds": "ds", "action": "go", "args": [1]},
+                                                   {"id": "b", "ds": "ds", "action": "go", "direct": True}]}
+    reqs = requests_of(message, now=5.0)
+    assert [(r.id, r.pe, r.args, r.direct, r.received) for r in reqs] == [
+        ("a", ("n1", "i1"), [1], False, 5.0), ("b", ("n1", "i1"), [], True, 5.0)]
+    for bad in ({"inc": "i1", "reqs": []}, {"pe": "n1", "inc": "i1", "reqs": {"id": "a"}},
+                {"pe": "n1", "inc": "i1", "reqs": [{"ds": "ds", "action": "go"}]},
+                {"pe": "n1", "inc": "i1", "reqs": ["not an object"]}):
+        with pytest.raises(ValueError, match="malformed action message"):
+            requests_of(bad, now=0.0)

@@ -7,6 +7,7 @@ to change leader is measured and printed (not asserted: the machine is shared an
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 
@@ -115,3 +116,28 @@ def test_a_pe_started_after_the_policy_exists_sends_actions(node_cluster, sink):
         push(a, k)
     wait_for(lambda: late.get("/v1/status")[1]["actions"]["sent"] >= 10, 10,
              what=f"n3's action requests (status: {late.get('/v1/status')[1]['actions']})")
+
+
+def test_follower_batches_its_requests_and_both_name_every_action(node_cluster, sink, redis_server):
+    """The leader sends each request at once; the follower holds its own for a heartbeat and sends them
+    together. Both send a request for every action (the follower's are what a leader change replays)."""
+    leader, follower = leader_and_survivor(*setup_stream(node_cluster, sink)[1:])
+    wait_for(lambda: leader_of(follower) == leader.node_id, 5, what="the follower to see the leader")
+    pubsub = redis_server.client().pubsub()
+    pubsub.subscribe("congress:t:act")
+    assert pubsub.get_message(timeout=2)["type"] == "subscribe"
+    n = 40
+    for k in range(n):
+        push(leader, k)
+        time.sleep(0.01)
+    assert_exactly_once(sink, n)
+    messages = {leader.node_id: [], follower.node_id: []}
+    while (msg := pubsub.get_message(timeout=0.5)) is not None:
+        body = json.loads(msg["data"])
+        messages[body["pe"]].append([r["id"] for r in body["reqs"]])
+    pubsub.close()
+    ids = {i for m in messages[leader.node_id] for i in m}
+    assert len(ids) == n
+    assert {i for m in messages[follower.node_id] for i in m} == ids
+    assert len(messages[follower.node_id]) <= n // 3, messages[follower.node_id]
+    assert len(messages[leader.node_id]) > len(messages[follower.node_id])

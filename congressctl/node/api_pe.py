@@ -276,9 +276,9 @@ class Api:
         positional = args.get("positional", []) if isinstance(args, dict) else args
         if not isinstance(positional, list):
             raise ApiError(400, "args.positional must be a list")
-        req = {"id": uuid.uuid4().hex, "ds": ds["name"], "action": body["name"], "args": positional,
-               "pe": self.node.cfg.node_id, "inc": self.node.incarnation, "direct": True}
-        await self.node.bus.publish(self.node.channels.action, req)
+        req = {"id": uuid.uuid4().hex, "ds": ds["name"], "action": body["name"], "args": positional, "direct": True}
+        await self.node.bus.publish(self.node.channels.action,
+                                    {"pe": self.node.cfg.node_id, "inc": self.node.incarnation, "reqs": [req]})
         return JSONResponse({"action_id": req["id"]})
 
     def _ds_table(self, request: Request) -> tuple[dict, str]:
@@ -442,7 +442,7 @@ class ApiPeNode(BusWorker):
         super().__init__(cfg)
         self.store = Store(self.redis, self.channels, origin=f"{cfg.node_id}/{self.incarnation}")
         t = cfg.timings
-        self.pe = PolicyNode(self.store, cfg.node_id, self.incarnation, t.peer_timeout_s)
+        self.pe = PolicyNode(self.store, cfg.node_id, self.incarnation, t.peer_timeout_s, hold_s=t.heartbeat_s)
         self.bus = Bus(self.redis, self.channels, cfg.node_id, "api-pe", self.incarnation, t.heartbeat_s,
                        t.peer_timeout_s, [self.channels.notice, self.channels.diff], self.on_message,
                        self.on_connect, self.heartbeat_payload)

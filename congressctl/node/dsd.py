@@ -13,8 +13,14 @@ peer_timeout + 1 s). When the leader's heartbeats stop for peer_timeout, the lon
 leader and its buffered requests whose ids have not run are run ("replayed"). An id is marked executed in
 memory before running (bounded, FIFO) and claimed in Redis with SET NX EX executed_ttl_s (1 h by default)
 before the HTTP POST, so a restarted DSD, or a stale one coming back from SIGSTOP, never runs it again
+(the claims of every request that is ready when the claim loop comes round go in one pipelined round trip)
 (PEs send their last 30 s of requests again when a new DSD process appears; these claims make that safe).
-Only heartbeats of PEs that report themselves synced count as "hearing from" a PE.
+Only heartbeats of PEs that report themselves synced count as "hearing from" a PE. A PE sends its requests
+in messages {"pe", "inc", "reqs": [...]}; one that is not the leader sends them in batches (see pe.py).
+
+Pushed rows arrive in the push notice with their version (a per-table counter kept in the store); a notice or
+store read older than what the table already publishes is skipped, so a full sync racing the notices never
+moves a table back.
 """
 
 from __future__ import annotations
@@ -50,10 +56,21 @@ class Request:
     received: float = 0.0
 
     @classmethod
-    def from_message(cls, data: dict, now: float) -> "Request":
+    def from_message(cls, data: dict, pe: PeerKey, now: float) -> "Request":
         return cls(id=str(data["id"]), datasource=str(data["ds"]), action=str(data["action"]),
-                   args=list(data.get("args", [])), pe=(str(data["pe"]), str(data["inc"])),
-                   direct=bool(data.get("direct", False)), received=now)
+                   args=list(data.get("args", [])), pe=pe, direct=bool(data.get("direct", False)), received=now)
+
+
+def requests_of(message: dict, now: float) -> list[Request]:
+    """The requests of one action message; ValueError when it is malformed."""
+    try:
+        pe = (str(message["pe"]), str(message["inc"]))
+        items = message["reqs"]
+        if not isinstance(items, list):
+            raise TypeError("reqs is not a list")
+        return [Request.from_message(item, pe, now) for item in items]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"malformed action message: {type(exc).__name__}: {exc}") from None
 
 
 @dataclass
@@ -153,6 +170,7 @@ class TableState:
     table: str
     seq: int = 0
     rows: set[str] = field(default_factory=set)
+    push_version: int = 0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -177,6 +195,7 @@ class DsdNode(BusWorker):
         self.poster = HttpPoster(executor=f"{cfg.node_id}/{self.incarnation}")
         self.drop = set(cfg.test_hooks.drop_publish)
         self.exec_slots = asyncio.Semaphore(64)
+        self.to_claim: asyncio.Queue[Request] = asyncio.Queue()
         self.stale = False
         self.touched: dict[str, float] = {}   # datasource id -> when a notice last started/stopped it
 
@@ -191,6 +210,7 @@ class DsdNode(BusWorker):
         self.tasks.spawn(self.leader_loop(), "leader-watch", critical=True)
         self.tasks.spawn(self.full_sync_loop(), "full-sync", critical=True)
         self.tasks.spawn(self.fence_loop(), "fence", critical=True)
+        self.tasks.spawn(self.claim_loop(), "claim", critical=True)
 
     def stop_taking_work(self) -> None:
         self.bus.stop()
@@ -224,17 +244,18 @@ class DsdNode(BusWorker):
         now = time.monotonic()
         if channel == ch.action:
             try:
-                req = Request.from_message(data, now)
-            except (KeyError, TypeError, ValueError):
-                log.warning("malformed action request dropped")
+                requests = requests_of(data, now)
+            except ValueError as exc:
+                log.warning("%s; dropped", exc)
                 return
-            self._run(self.leadership.request(req, now))
+            for req in requests:
+                self._run(self.leadership.request(req, now))
         elif channel == ch.heartbeat:
             # a PE still loading (or resyncing after a reconnect) cannot be trusted to send every action
             if data.get("role") == "api-pe" and isinstance(data.get("inc"), str) and data.get("synced"):
                 self._run(self.leadership.heard((data["node"], data["inc"]), now))
         elif channel == ch.push:
-            await self.refresh_pushed(str(data.get("ds_id")), str(data.get("table")))
+            await self.on_push(data)
         elif channel == ch.notice and data.get("kind") == "datasource":
             ds = data.get("datasource") or {}
             if data.get("op") == "create":
@@ -324,29 +345,45 @@ class DsdNode(BusWorker):
         """Publish each table in full with the next seq: at epoch start, and after a reconnect."""
         for table in driver.tables:
             state = self.tables[(driver.id, table)]
+            version = None
             if driver.ds["driver"] == "push":
-                rows = {row_key(r) for r in await self.store.pushed_rows(driver.id, table)}
+                version, pushed = await self.store.pushed_rows(driver.id, table)
+                rows = {row_key(r) for r in pushed}
             elif state.seq == 0:
                 rows = {row_key(r) for r in (await self.store.snapshot(driver.id, table)).rows}
             else:
                 rows = set(state.rows)
-            await self._publish(state, rows, full=True)
+            await self._publish(state, rows, full=True, push_version=version)
+
+    async def on_push(self, data: dict) -> None:
+        """A push notice carries the rows and their version; one without them (an older API node) is read."""
+        ds_id, table, rows, version = data.get("ds_id"), data.get("table"), data.get("rows"), data.get("v")
+        state = self.tables.get((ds_id, table))
+        if state is None:
+            return
+        if not isinstance(rows, list) or not isinstance(version, int):
+            await self.refresh_pushed(state.ds_id, state.table)
+            return
+        await self._publish(state, {row_key(r) for r in rows}, full=False, push_version=version)
 
     async def refresh_pushed(self, ds_id: str, table: str) -> None:
-        driver = self.drivers.get(ds_id)
-        if driver is None or table not in driver.tables:
+        state = self.tables.get((ds_id, table))
+        if state is None:
             return
-        rows = await self.store.pushed_rows(ds_id, table)
-        await self.set_rows(driver, table, set(rows))
+        version, rows = await self.store.pushed_rows(ds_id, table)
+        await self._publish(state, {row_key(r) for r in rows}, full=False, push_version=version)
 
     async def set_rows(self, driver: Driver, table: str, rows: set[Row]) -> None:
         state = self.tables.get((driver.id, table))
         if state is not None:
             await self._publish(state, {row_key(r) for r in rows}, full=False)
 
-    async def _publish(self, state: TableState, rows: set[str], full: bool) -> None:
+    async def _publish(self, state: TableState, rows: set[str], full: bool, push_version: int | None = None) -> None:
         async with state.lock:
-            if (state.ds_id, state.table) not in self.tables:
+            if self.tables.get((state.ds_id, state.table)) is not state:
+                return
+            if push_version is not None and (push_version < state.push_version
+                                             or (push_version == state.push_version and not full)):
                 return
             added = sorted(rows if full else rows - state.rows)
             deleted = [] if full else sorted(state.rows - rows)
@@ -362,6 +399,8 @@ class DsdNode(BusWorker):
                 raise BusError(f"epoch {self.epoch} superseded; not publishing {state.ds_name}:{state.table}")
             state.seq = seq
             state.rows = rows
+            if push_version is not None:
+                state.push_version = push_version
             driver = self.drivers.get(state.ds_id)
             if driver is not None:
                 driver.status.last_updated = time.time()
@@ -372,25 +411,46 @@ class DsdNode(BusWorker):
     # -- actions --------------------------------------------------------------------------------------
     def _run(self, requests: list[Request]) -> None:
         for req in requests:
-            self.tasks.spawn(self._execute(req), f"action-{req.id[:12]}")
+            self.to_claim.put_nowait(req)
+
+    async def claim_loop(self) -> None:
+        """Claim every request waiting to run in one round trip, then start the POSTs of those claimed."""
+        while not self.bus.stopping:
+            batch = [await self.to_claim.get()]
+            while not self.to_claim.empty() and len(batch) < 1000:
+                batch.append(self.to_claim.get_nowait())
+            try:
+                claimed = await self.store.claim_actions([r.id for r in batch], self.cfg.timings.executed_ttl_s)
+            except BusError as exc:
+                self._failed(batch, exc)
+                continue
+            for req, ok in zip(batch, claimed):
+                if ok:
+                    self.tasks.spawn(self._execute(req), f"action-{req.id[:12]}")
+                else:
+                    self.leadership.counts.ignored += 1
+
+    def _failed(self, requests: list[Request], exc: Exception) -> None:
+        for req in requests:
+            self.leadership.counts.failed += 1
+            driver = self._driver_named(req.datasource)
+            if driver is not None:
+                driver.status.actions_failed += 1
+            log.error("action %s %s:%s%s failed: %s: %s", req.id[:12], req.datasource, req.action,
+                      tuple(req.args), type(exc).__name__, exc)
+
+    def _driver_named(self, name: str) -> Driver | None:
+        return next((d for d in self.drivers.values() if d.name == name), None)
 
     async def _execute(self, req: Request) -> None:
-        counts = self.leadership.counts
-        driver = next((d for d in self.drivers.values() if d.name == req.datasource), None)
+        driver = self._driver_named(req.datasource)
         async with self.exec_slots:
             try:
-                if not await self.store.claim_action(req.id, self.cfg.timings.executed_ttl_s):
-                    counts.ignored += 1
-                    return
                 if driver is None:
                     raise DatasourceConfigError(f"no running datasource named {req.datasource}")
                 await driver.execute(req.id, req.action, req.args)
-            except (BusError, DatasourceConfigError, ActionDeliveryError) as exc:
-                counts.failed += 1
-                if driver is not None:
-                    driver.status.actions_failed += 1
-                log.error("action %s %s:%s%s failed: %s: %s", req.id[:12], req.datasource, req.action,
-                          tuple(req.args), type(exc).__name__, exc)
+            except (DatasourceConfigError, ActionDeliveryError) as exc:
+                self._failed([req], exc)
                 return
-        counts.executed += 1
+        self.leadership.counts.executed += 1
         driver.status.actions_executed += 1

@@ -13,6 +13,10 @@ same change therefore name the same action the same way. Rows present when the P
 start) are state that existed before this PE, not new actions: that first load sends no requests.
 When a new DSD process shows up (its heartbeat carries a new incarnation), the requests of the last
 RESEND_WINDOW_S are sent again, so an action whose request the old DSD never ran is not lost.
+Requests go out as one message per batch, {"pe", "inc", "reqs": [...]}. A PE that the DSD's last heartbeat
+does not name as its leader holds its requests for `hold_s` (one heartbeat interval) first: the DSD only
+keeps them for a replay should the leader fail, which it notices only after peer_timeout (> hold_s), so
+holding them loses nothing and saves the bus, the DSD and this PE a message per action.
 """
 
 from __future__ import annotations
@@ -25,8 +29,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from congressctl.bus import BUS_ERRORS, Bus, dumps
-from congressctl.errors import PolicyError
+from congressctl.bus import Bus, dumps
+from congressctl.errors import BusError, PolicyError
 from congressctl.node.drivers import table_columns
 from congressctl.node.store import Store
 from congressctl.policy import Engine, Result
@@ -68,9 +72,10 @@ def action_id(datasource: str, action: str, args: tuple, cause: tuple) -> str:
 class PolicyNode:
     """The PE: an Engine plus a mirror of the store's definitions, kept in step by notices and full syncs."""
 
-    def __init__(self, store: Store, node_id: str, incarnation: str, peer_timeout_s: float):
+    def __init__(self, store: Store, node_id: str, incarnation: str, peer_timeout_s: float, hold_s: float):
         self.store = store
         self.peer_timeout_s = peer_timeout_s
+        self.hold_s = hold_s
         self.node_id = node_id
         self.incarnation = incarnation
         self.engine = Engine()
@@ -106,23 +111,26 @@ class PolicyNode:
                 self.actions_dropped += 1
                 continue
             self.outbox.put_nowait({"id": action_id(a.datasource, a.name, a.args, cause), "ds": a.datasource,
-                                    "action": a.name, "args": list(a.args), "pe": self.node_id,
-                                    "inc": self.incarnation})
+                                    "action": a.name, "args": list(a.args)})
+
+    def is_leader(self) -> bool:
+        """Whether the DSD's last heartbeat names this PE its leader (also while no DSD or leader is known)."""
+        leader = (self.dsd or {}).get("leader")
+        return not leader or (leader.get("node"), leader.get("inc")) == (self.node_id, self.incarnation)
 
     async def send_actions(self, bus: Bus) -> None:
-        """Long-lived: publish queued requests in pipelined batches; keep them while the bus is down."""
+        """Long-lived: publish queued requests, one message per batch; keep them while the bus is down."""
         batch: list[dict] = []
         while not bus.stopping:
             if not batch:
                 batch.append(await self.outbox.get())
-            while not self.outbox.empty() and len(batch) < 500:
+                if not self.is_leader():
+                    await asyncio.sleep(self.hold_s)
+            while not self.outbox.empty() and len(batch) < 1000:
                 batch.append(self.outbox.get_nowait())
             try:
-                async with self.store.redis.pipeline(transaction=False) as pipe:
-                    for req in batch:
-                        pipe.publish(bus.channels.action, dumps(req))
-                    await pipe.execute()
-            except BUS_ERRORS as exc:
+                await bus.publish(bus.channels.action, {"pe": self.node_id, "inc": self.incarnation, "reqs": batch})
+            except BusError as exc:
                 log.debug("action requests not sent yet: %s", exc)
                 await asyncio.sleep(0.2)
                 continue

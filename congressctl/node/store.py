@@ -7,6 +7,7 @@ Keys (prefix congress:<cluster>:):
   rules:<pid>   hash rule id -> rule JSON (with "n", a cluster-wide counter, for insertion order)
   ds-names      hash name -> id        datasources  hash id -> datasource JSON
   pushed:<dsid>:<table>   JSON list of rows last pushed through the API
+  pushver:<dsid>:<table>  counter: the version of those rows (one more for every push)
   snap:<dsid>:<table>     set of canonical row JSON       snapmeta:<dsid>:<table>  hash epoch, seq
   epoch         counter: every DSD start takes the next   executed:<action id>  marker with a TTL
 """
@@ -58,11 +59,13 @@ redis.call('PUBLISH', ARGV[2], ARGV[3])
 return 1
 """
 
-# KEYS: pushed rows key, datasources; ARGV: ds id, rows JSON, channel, notice
+# KEYS: pushed rows key, datasources, push version; ARGV: ds id, rows JSON, channel, notice prefix (closed here
+# with the version and the rows, so the DSD needs no read back)
 _PUSH = """
 if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0 then return 0 end
 redis.call('SET', KEYS[1], ARGV[2])
-redis.call('PUBLISH', ARGV[3], ARGV[4])
+local v = redis.call('INCR', KEYS[3])
+redis.call('PUBLISH', ARGV[3], ARGV[4] .. '"v":' .. v .. ',"rows":' .. ARGV[2] .. '}')
 return 1
 """
 
@@ -144,6 +147,9 @@ class Store:
     def k_pushed(self, ds_id: str, table: str) -> str:
         return self.ch.key("pushed", ds_id, table)
 
+    def k_pushver(self, ds_id: str, table: str) -> str:
+        return self.ch.key("pushver", ds_id, table)
+
     def k_snap(self, ds_id: str, table: str) -> str:
         return self.ch.key("snap", ds_id, table)
 
@@ -211,7 +217,8 @@ class Store:
         notice = dumps({"origin": self.origin, "kind": "datasource", "op": "delete", "datasource": ds})
         extra = []
         for table in ds["config"].get("tables", {}):
-            extra += [self.k_pushed(ds["id"], table), self.k_snap(ds["id"], table), self.k_snapmeta(ds["id"], table)]
+            extra += [self.k_pushed(ds["id"], table), self.k_pushver(ds["id"], table), self.k_snap(ds["id"], table),
+                      self.k_snapmeta(ds["id"], table)]
         done = await self._call(self._delete_named(
             keys=[self.k_ds_names, self.k_datasources, *extra],
             args=[ds["name"], ds["id"], self.ch.notice, notice]))
@@ -227,15 +234,18 @@ class Store:
 
     # -- pushed data ----------------------------------------------------------------------------------
     async def push_rows(self, ds: dict, table: str, rows: list[list]) -> bool:
-        """Keep the rows pushed through the API and tell the DSD; False when the datasource is gone."""
-        notice = dumps({"ds_id": ds["id"], "table": table})
-        done = await self._call(self._push(keys=[self.k_pushed(ds["id"], table), self.k_datasources],
-                                           args=[ds["id"], dumps(rows), self.ch.push, notice]))
+        """Keep the rows pushed through the API and tell the DSD (the notice carries them and their version);
+        False when the datasource is gone."""
+        prefix = dumps({"ds_id": ds["id"], "table": table})[:-1] + ","
+        done = await self._call(self._push(
+            keys=[self.k_pushed(ds["id"], table), self.k_datasources, self.k_pushver(ds["id"], table)],
+            args=[ds["id"], dumps(rows), self.ch.push, prefix]))
         return bool(done)
 
-    async def pushed_rows(self, ds_id: str, table: str) -> list[Row]:
-        raw = await self._call(self.redis.get(self.k_pushed(ds_id, table)))
-        return [tuple(r) for r in json.loads(raw)] if raw else []
+    async def pushed_rows(self, ds_id: str, table: str) -> tuple[int, list[Row]]:
+        """The rows last pushed and their version (0: never pushed), read together."""
+        raw, version = await self._call(self.redis.mget(self.k_pushed(ds_id, table), self.k_pushver(ds_id, table)))
+        return int(version or 0), [tuple(r) for r in json.loads(raw)] if raw else []
 
     # -- snapshots ------------------------------------------------------------------------------------
     async def publish_table(self, ds_id: str, ds_name: str, table: str, epoch: int, seq: int,
@@ -270,7 +280,11 @@ class Store:
     async def current_epoch(self) -> int:
         return int(await self._call(self.redis.get(self.k_epoch)) or 0)
 
-    async def claim_action(self, action_id: str, ttl_s: int) -> bool:
-        """True exactly once per action id (within the TTL), across DSD restarts and stale DSDs."""
-        done = await self._call(self.redis.set(self.ch.key("executed", action_id), "1", nx=True, ex=ttl_s))
-        return bool(done)
+    async def claim_actions(self, action_ids: list[str], ttl_s: int) -> list[bool]:
+        """For each id, True exactly once (within the TTL), across DSD restarts and stale DSDs. One round trip."""
+        async def claim() -> list[Any]:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for action_id in action_ids:
+                    pipe.set(self.ch.key("executed", action_id), "1", nx=True, ex=ttl_s)
+                return await pipe.execute()
+        return [bool(done) for done in await self._call(claim())]
