@@ -68,20 +68,34 @@ def test_publish_table_keeps_snapshot_and_seq_together_and_refuses_stale_epoch(r
     assert extra is None  # seq 3 was stored but its publication dropped (the test hook path)
 
 
-def test_claim_action_is_once(redis_server):
+def test_claims_run_each_action_once_per_epoch_and_hand_over_unanswered_ones(redis_server):
     async def go():
         r = client_for(redis_server)
         store = Store(r, Channels("c"))
-        claims = await asyncio.gather(*[store.claim_actions(["abc", f"x{i}"], 60) for i in range(5)])
-        again = await store.claim_actions(["abc", "x0", "new"], 60)
+        await store.next_epoch()
+        first = await asyncio.gather(*[store.settle_actions(["abc", f"x{i}"], [], 1, 60) for i in range(5)])
+        again = await store.settle_actions(["abc", "x0", "new"], [], 1, 60)
+        assert await store.settle_actions([], ["abc"], 1, 60) == []
         ttl = await r.ttl("congress:c:executed:abc")
+        await store.next_epoch()
+        # epoch 2: "abc" was answered (done); "x0" was claimed by epoch 1 but never marked done
+        later = await store.settle_actions(["abc", "x0"], [], 2, 60)
+        later_again = await store.settle_actions(["x0"], [], 2, 60)
+        await store.next_epoch()
+        stale = await store.settle_actions(["fresh"], ["x0"], 2, 60)
+        x0 = await r.get("congress:c:executed:x0")
+        fresh_left = await r.exists("congress:c:executed:fresh")
         await r.aclose()
-        return claims, again, ttl
-    claims, again, ttl = run(go())
-    assert [c[0] for c in claims].count(True) == 1
-    assert all(c[1] for c in claims)
+        return first, again, ttl, later, later_again, stale, fresh_left, x0
+    first, again, ttl, later, later_again, stale, fresh_left, x0 = run(go())
+    assert [c[0] for c in first].count(True) == 1
+    assert all(c[1] for c in first)
     assert again == [False, False, True]
     assert 0 < ttl <= 60
+    assert later == [False, True]
+    assert later_again == [False]
+    assert stale is None and fresh_left == 0
+    assert x0 == "done"   # a stale DSD still records the POSTs that were answered
 
 
 def test_pushed_rows_carry_a_version_in_store_and_notice(redis_server):

@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from fixtures_redis import wait_for
+from conftest import free_port
+from fixtures_redis import Sink, wait_for
 
 
 class JsonSource:
@@ -185,3 +186,32 @@ def test_push_notice_older_than_the_table_is_skipped(node_cluster):
     bus.incr(f"congress:t:pushver:{ds_id}:items")
     bus.publish("congress:t:push", json.dumps({"ds_id": ds_id, "table": "items"}))
     wait_for(lambda: rows(a, path) == {(4,)}, 5, what="rows read from the store for a notice without them")
+
+
+def test_an_action_whose_post_got_no_answer_runs_on_the_next_dsd(node_cluster):
+    """The DSD claims an action before its POST. When no answer came (here: nothing listens yet; in a
+    failover: the DSD's host was cut off mid-POST), the next DSD process must run it when the PE sends its
+    recent requests again, and only that one time."""
+    port = free_port()
+    dsd = node_cluster.add("dsd", "d1")
+    a = node_cluster.add("api-pe", "n1")
+    assert a.request("POST", "/v1/data-sources", {"name": "feed", "driver": "push", "config": {
+        "tables": {"items": ["id"]}, "action_url": f"http://127.0.0.1:{port}/actions"}})[0] == 201
+    assert a.request("POST", "/v1/policies", {"name": "p"})[0] == 201
+    assert a.request("POST", "/v1/policies/p/rules", {"rule": "execute[feed:notify(x)] :- feed:items(id=x)"})[0] == 201
+    wait_for(lambda: a.get("/v1/status")[1]["tables"][0]["dsd_seq"], 10, what="feed running on the DSD")
+    assert a.request("PUT", "/v1/data-sources/feed/tables/items/rows", [[7]])[0] == 200
+    wait_for(lambda: a.get("/v1/status")[1]["dsd"]["counts"]["failed"] == 1, 10, what="the POST to fail")
+    sink = Sink("127.0.0.1", port)
+    try:
+        dsd.stop()
+        dsd.start()
+        wait_for(lambda: sink.args() == [(7,)], 10, what="the action run by the new DSD")
+        executor = sink.received[0]["executor"]
+        time.sleep(1.0)
+        assert sink.args() == [(7,)]
+        counts = a.get("/v1/status")[1]["dsd"]["counts"]
+        assert counts["executed"] == 1 and counts["failed"] == 0, counts
+        assert executor.startswith("d1/") and a.get("/v1/status")[1]["dsd"]["incarnation"] in executor
+    finally:
+        sink.close()

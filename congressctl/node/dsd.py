@@ -11,10 +11,14 @@ deterministic action id. `Leadership` (pure, no I/O) decides: the DSD's leader i
 from; its requests run unless their id already ran; other PEs' requests are kept for `buffer_s` (>= 2 x
 peer_timeout + 1 s). When the leader's heartbeats stop for peer_timeout, the longest-known live PE becomes
 leader and its buffered requests whose ids have not run are run ("replayed"). An id is marked executed in
-memory before running (bounded, FIFO) and claimed in Redis with SET NX EX executed_ttl_s (1 h by default)
-before the HTTP POST, so a restarted DSD, or a stale one coming back from SIGSTOP, never runs it again
-(the claims of every request that is ready when the claim loop comes round go in one pipelined round trip)
-(PEs send their last 30 s of requests again when a new DSD process appears; these claims make that safe).
+memory before running (bounded, FIFO) and claimed in Redis (executed_ttl_s, 1 h by default) before the HTTP
+POST, so a restarted DSD, or a stale one coming back from SIGSTOP, never runs it again (PEs send their last
+30 s of requests again when a new DSD process appears; these claims make that safe). The claims of every
+request ready when the ledger loop comes round go in one round trip, which also refuses a stale epoch.
+A claim reads "run:<epoch>" until the POST is answered, then "done". A newer DSD takes over a claim still
+"run" by an older epoch: that DSD died or was cut off mid-POST, and its POST may never have arrived. The one
+case left is a DSD lost between the sink's answer and the "done" mark (about a round trip): the action
+then arrives twice, with the same action_id for the receiver to drop the second.
 Only heartbeats of PEs that report themselves synced count as "hearing from" a PE. A PE sends its requests
 in messages {"pe", "inc", "reqs": [...]}; one that is not the leader sends them in batches (see pe.py).
 
@@ -195,7 +199,9 @@ class DsdNode(BusWorker):
         self.poster = HttpPoster(executor=f"{cfg.node_id}/{self.incarnation}")
         self.drop = set(cfg.test_hooks.drop_publish)
         self.exec_slots = asyncio.Semaphore(64)
-        self.to_claim: asyncio.Queue[Request] = asyncio.Queue()
+        self.to_claim: list[Request] = []
+        self.to_mark: list[str] = []          # ids whose POST was answered, to mark "done"
+        self.ledger_due = asyncio.Event()
         self.stale = False
         self.touched: dict[str, float] = {}   # datasource id -> when a notice last started/stopped it
 
@@ -210,12 +216,13 @@ class DsdNode(BusWorker):
         self.tasks.spawn(self.leader_loop(), "leader-watch", critical=True)
         self.tasks.spawn(self.full_sync_loop(), "full-sync", critical=True)
         self.tasks.spawn(self.fence_loop(), "fence", critical=True)
-        self.tasks.spawn(self.claim_loop(), "claim", critical=True)
+        self.tasks.spawn(self.ledger_loop(), "ledger", critical=True)
 
     def stop_taking_work(self) -> None:
         self.bus.stop()
 
     async def shutdown(self) -> None:
+        await self.flush_marks()
         if self.http is not None:
             await self.http.aclose()
         await self.poster.aclose()
@@ -410,25 +417,49 @@ class DsdNode(BusWorker):
 
     # -- actions --------------------------------------------------------------------------------------
     def _run(self, requests: list[Request]) -> None:
-        for req in requests:
-            self.to_claim.put_nowait(req)
+        if requests:
+            self.to_claim.extend(requests)
+            self.ledger_due.set()
 
-    async def claim_loop(self) -> None:
-        """Claim every request waiting to run in one round trip, then start the POSTs of those claimed."""
-        while not self.bus.stopping:
-            batch = [await self.to_claim.get()]
-            while not self.to_claim.empty() and len(batch) < 1000:
-                batch.append(self.to_claim.get_nowait())
-            try:
-                claimed = await self.store.claim_actions([r.id for r in batch], self.cfg.timings.executed_ttl_s)
-            except BusError as exc:
-                self._failed(batch, exc)
+    async def ledger_loop(self) -> None:
+        """One round trip at a time to the executed ids: mark the answered POSTs "done" and claim every request
+        waiting to run, then start the POSTs of those claimed. Under load each trip carries many of both."""
+        while True:
+            await self.ledger_due.wait()
+            self.ledger_due.clear()
+            claims, self.to_claim = self.to_claim[:1000], self.to_claim[1000:]
+            marks, self.to_mark = self.to_mark, []
+            if self.to_claim:
+                self.ledger_due.set()
+            if not claims and not marks:
                 continue
-            for req, ok in zip(batch, claimed):
+            assert self.epoch is not None
+            try:
+                claimed = await self.store.settle_actions([r.id for r in claims], marks, self.epoch,
+                                                          self.cfg.timings.executed_ttl_s)
+            except BusError as exc:
+                self._failed(claims, exc)
+                self.to_mark[:0] = marks
+                await asyncio.sleep(0.2)
+                self.ledger_due.set()
+                continue
+            if claimed is None:
+                log.error("epoch %d superseded: %d action(s) left to the newer DSD", self.epoch, len(claims))
+                self.stale = True
+                continue
+            for req, ok in zip(claims, claimed):
                 if ok:
                     self.tasks.spawn(self._execute(req), f"action-{req.id[:12]}")
                 else:
                     self.leadership.counts.ignored += 1
+
+    async def flush_marks(self) -> None:
+        if not self.to_mark or self.epoch is None:
+            return
+        try:
+            await self.store.settle_actions([], self.to_mark, self.epoch, self.cfg.timings.executed_ttl_s)
+        except BusError as exc:
+            log.warning("%d answered action(s) not marked done: %s", len(self.to_mark), exc)
 
     def _failed(self, requests: list[Request], exc: Exception) -> None:
         for req in requests:
@@ -452,5 +483,7 @@ class DsdNode(BusWorker):
             except (DatasourceConfigError, ActionDeliveryError) as exc:
                 self._failed([req], exc)
                 return
+        self.to_mark.append(req.id)
+        self.ledger_due.set()
         self.leadership.counts.executed += 1
         driver.status.actions_executed += 1

@@ -9,7 +9,8 @@ Keys (prefix congress:<cluster>:):
   pushed:<dsid>:<table>   JSON list of rows last pushed through the API
   pushver:<dsid>:<table>  counter: the version of those rows (one more for every push)
   snap:<dsid>:<table>     set of canonical row JSON       snapmeta:<dsid>:<table>  hash epoch, seq
-  epoch         counter: every DSD start takes the next   executed:<action id>  marker with a TTL
+  epoch         counter: every DSD start takes the next
+  executed:<action id>   "run:<epoch>" while that DSD's POST is unanswered, then "done"; with a TTL
 """
 
 from __future__ import annotations
@@ -104,6 +105,30 @@ return 1
 """
 
 
+# A DSD's one round trip for its executed ids. KEYS: epoch counter, executed:<id> of each action to claim,
+# then of each action whose POST was answered. ARGV: the DSD's epoch, TTL, number of claims.
+# The answered ones become "done". Then -1 when a newer epoch exists (this DSD is stale), else per claim
+# 1 (run it) or 0 (done, or running on this DSD). A claim still "run:<older epoch>" belongs to a DSD that
+# died or was cut off before its POST was answered: it is taken over, since that POST may never have arrived.
+_SETTLE = """
+local epoch = tonumber(ARGV[1])
+local n_claim = tonumber(ARGV[3])
+for i = n_claim + 2, #KEYS do redis.call('SET', KEYS[i], 'done', 'XX', 'KEEPTTL') end
+if tonumber(redis.call('GET', KEYS[1]) or '0') > epoch then return -1 end
+local out = {}
+for i = 2, n_claim + 1 do
+  local v = redis.call('GET', KEYS[i])
+  if not v or (string.sub(v, 1, 4) == 'run:' and tonumber(string.sub(v, 5)) < epoch) then
+    redis.call('SET', KEYS[i], 'run:' .. ARGV[1], 'EX', ARGV[2])
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = 0
+  end
+end
+return out
+"""
+
+
 def row_key(row: Iterable[Any]) -> str:
     """Canonical JSON of a row: the member stored in a snapshot set and sent in diffs."""
     return dumps(list(row))
@@ -140,6 +165,7 @@ class Store:
         self._delete_rule = client.register_script(_DELETE_RULE)
         self._push = client.register_script(_PUSH)
         self._publish_table = client.register_script(_PUBLISH_TABLE)
+        self._settle = client.register_script(_SETTLE)
 
     def k_rules(self, policy_id: str) -> str:
         return self.ch.key("rules", policy_id)
@@ -280,11 +306,13 @@ class Store:
     async def current_epoch(self) -> int:
         return int(await self._call(self.redis.get(self.k_epoch)) or 0)
 
-    async def claim_actions(self, action_ids: list[str], ttl_s: int) -> list[bool]:
-        """For each id, True exactly once (within the TTL), across DSD restarts and stale DSDs. One round trip."""
-        async def claim() -> list[Any]:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for action_id in action_ids:
-                    pipe.set(self.ch.key("executed", action_id), "1", nx=True, ex=ttl_s)
-                return await pipe.execute()
-        return [bool(done) for done in await self._call(claim())]
+    def k_executed(self, action_id: str) -> str:
+        return self.ch.key("executed", action_id)
+
+    async def settle_actions(self, claim: list[str], answered: list[str], epoch: int, ttl_s: int) -> list[bool] | None:
+        """Mark `answered` done, then say for each id of `claim` whether this DSD may POST it now: once per id
+        and epoch, and again by a newer epoch while no DSD has seen its POST answered. None when a newer epoch
+        exists (this DSD is stale). One round trip."""
+        keys = [self.k_epoch, *map(self.k_executed, claim), *map(self.k_executed, answered)]
+        done = await self._call(self._settle(keys=keys, args=[epoch, ttl_s, len(claim)]))
+        return None if done == -1 else [bool(d) for d in done]
