@@ -11,7 +11,6 @@ Everything runs on 127.0.0.1 and stops by itself.
 from __future__ import annotations
 
 import asyncio
-import http.client
 import json
 import os
 import re
@@ -97,6 +96,40 @@ class Sink:
 
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+class Putter:
+    """PUTs over one kept-alive socket, reading only the status and Content-Length of each answer: the load
+    generator stands for clients on other hosts, so it is kept cheap (http.client's header parsing cost about
+    0.1 ms of CPU per request)."""
+
+    def __init__(self, url: str) -> None:
+        u = urllib.parse.urlsplit(url)
+        self.sock = socket.create_connection((u.hostname, u.port), timeout=10)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.host = u.netloc
+        self.buffer = b""
+
+    def put(self, path: str, body: bytes) -> int:
+        self.sock.sendall(f"PUT {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+                          f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        while b"\r\n\r\n" not in self.buffer:
+            self._read()
+        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+        length = int(CONTENT_LENGTH.search(head).group(1))
+        while len(self.buffer) < length:
+            self._read()
+        self.buffer = self.buffer[length:]
+        return int(head.split(None, 2)[1])
+
+    def _read(self) -> None:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise SystemExit("bench: the API closed the connection")
+        self.buffer += chunk
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 class Cluster:
@@ -204,9 +237,8 @@ def bench_latency(cluster: Cluster, client: httpx.Client, sink: Sink, rate: floa
     wait_for(lambda: client.get(b + f"/v1/policies/{name}p/rules").json()["results"], 10, "rule on the second PE")
     time.sleep(0.5)
     sent: dict[int, float] = {}
-    api = urllib.parse.urlsplit(a)
-    conn = http.client.HTTPConnection(api.hostname, api.port, timeout=10)   # keep-alive, cheaper than httpx
-    headers = {"Content-Type": "application/json"}
+    putter = Putter(a)
+    path = f"/v1/data-sources/{name}/tables/ev/rows"
     pids = {name: p.pid for name, p in cluster.named.items()}
     cpu_before = cpu_seconds(pids)
     start = time.monotonic()
@@ -216,10 +248,10 @@ def bench_latency(cluster: Cluster, client: httpx.Client, sink: Sink, rate: floa
         if pause > 0:
             time.sleep(pause)
         sent[k] = time.monotonic()
-        conn.request("PUT", f"/v1/data-sources/{name}/tables/ev/rows",
-                     json.dumps([[i] for i in range(max(0, k - WINDOW), k + 1)]), headers)
-        conn.getresponse().read()
-    conn.close()
+        status = putter.put(path, json.dumps([[i] for i in range(max(0, k - WINDOW), k + 1)]).encode())
+        if status != 200:
+            raise SystemExit(f"bench: PUT {path} answered {status}")
+    putter.close()
     rate = LATENCY_CHANGES / (time.monotonic() - start)
     wait_for(lambda: len(sink.received) >= LATENCY_CHANGES, 30, "every action at the sink")
     cpu_after = cpu_seconds(pids)
