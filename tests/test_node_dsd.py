@@ -154,12 +154,22 @@ def test_action_requested_while_no_dsd_runs_is_executed_once_by_the_next(node_cl
     # a rule added while no DSD runs: both PEs request hello2(1); nobody hears it
     assert b.request("POST", "/v1/policies/p/rules", {"rule": "execute[feed:hello2(x)] :- feed:items(id=x)"})[0] == 201
     time.sleep(0.3)
+    bus = node_cluster.redis.client().pubsub()
+    bus.subscribe("congress:t:act")
     dsd.start()
     wait_for(lambda: ("hello2", 1) in {(r["action"], r["args"][0]) for r in sink.received}, 10,
              what="hello2(1) executed by the new DSD")
     time.sleep(1.5)
     assert sorted((r["action"], tuple(r["args"])) for r in sink.received) == [("hello", (1,)), ("hello2", (1,))]
     assert a.get("/v1/status")[1]["actions"]["resent"] >= 1
+    # resent requests run whoever the new DSD's leader is: a leader that has nothing to resend cannot hold
+    # back the other PE's
+    resent = []
+    while (msg := bus.get_message(timeout=0.2)) is not None:
+        if msg["type"] == "message":
+            resent += json.loads(msg["data"])["reqs"]
+    bus.close()
+    assert resent and all(r.get("direct") for r in resent), resent
 
 
 def test_push_notice_older_than_the_table_is_skipped(node_cluster):

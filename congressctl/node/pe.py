@@ -12,7 +12,10 @@ snapshot that made the row appear, or ("rule", rule id) for a rule added at run 
 same change therefore name the same action the same way. Rows present when the PE first loads (process
 start) are state that existed before this PE, not new actions: that first load sends no requests.
 When a new DSD process shows up (its heartbeat carries a new incarnation), the requests of the last
-RESEND_WINDOW_S are sent again, so an action whose request the old DSD never ran is not lost.
+RESEND_WINDOW_S are sent again, so an action whose request the old DSD never ran is not lost. They go as
+"direct" requests, which the DSD runs whoever its leader is (its executed ids make each run once): the new
+DSD may pick as leader a PE that has none of them to send (seen in CI: the leader never resent, the other
+PE's copies were only kept for a replay that never came, and the action was lost).
 Requests go out as one message per batch, {"pe", "inc", "reqs": [...]}. A PE that the DSD's last heartbeat
 does not name as its leader holds its requests for `hold_s` (one heartbeat interval) first: the DSD only
 keeps them for a replay should the leader fail, which it notices only after peer_timeout (> hold_s), so
@@ -143,7 +146,7 @@ class PolicyNode:
         horizon = time.monotonic() - RESEND_WINDOW_S
         again = [req for sent, req in self.recent if sent >= horizon]
         for req in again:
-            self.outbox.put_nowait(req)
+            self.outbox.put_nowait({**req, "direct": True})
         self.resent += len(again)
         log.info("new DSD process: sending the last %d action request(s) again", len(again))
 
