@@ -321,6 +321,8 @@ class PolicyNode:
             return   # a stale DSD (paused, replaced) still beating until it notices
         previous = self.dsd
         self.dsd = {**data, "received": now}
+        if previous is None or previous.get("inc") != data.get("inc"):
+            log.info("DSD %s incarnation %s heard (epoch %s)", data.get("node"), data.get("inc"), data.get("epoch"))
         if previous is not None and previous.get("inc") != data.get("inc"):
             self.resend_recent()
         tables = data.get("tables") or {}
