@@ -263,9 +263,10 @@ class HttpPoster:
             conn = self._take(key) if attempt == 0 else None
             reused = conn is not None
             try:
-                if conn is None:
-                    conn = await asyncio.wait_for(self._open(key), self.timeout)
-                status, keep = await asyncio.wait_for(self._exchange(conn, head + body), self.timeout)
+                async with asyncio.timeout(self.timeout):   # unlike wait_for, no extra task per POST
+                    if conn is None:
+                        conn = await self._open(key)
+                    status, keep = await self._exchange(conn, head + body)
             except (OSError, EOFError, ValueError, asyncio.IncompleteReadError, asyncio.TimeoutError) as exc:
                 if conn is not None:
                     conn[1].close()
