@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
@@ -174,3 +175,28 @@ def test_a_node_that_never_synced_answers_503_not_an_empty_mirror(node_cluster):
     node_cluster.redis.start()
     node_cluster.wait_healthy(a)
     assert a.get("/v1/policies/anything/rules", timeout=2)[0] == 404
+
+
+def test_a_write_through_one_node_is_found_at_once_through_another(two_apis):
+    """Create then use through different nodes (as a load balancer sends them): never a 404 or a schema
+    error, however late the notice. Also when the notice never comes (written here straight into the store,
+    the notice counter moved on): the node waits a moment for it, then syncs from the store."""
+    cluster, a, b = two_apis
+    for i in range(15):
+        assert a.request("POST", "/v1/data-sources", push_ds(f"quick{i}"))[0] == 201
+        assert a.request("POST", "/v1/policies", {"name": f"qp{i}"})[0] == 201
+        status, body = b.request("POST", f"/v1/policies/qp{i}/rules",
+                                 {"rule": f"p(x) :- quick{i}:vms(id=x, state=\"up\")"})
+        assert status == 201, body
+        assert b.request("PUT", f"/v1/data-sources/quick{i}/tables/vms/rows", [["v", "up"]])[0] == 200
+    r = cluster.redis.client()
+    policy = {**json.loads(next(iter(r.hgetall("congress:t:policies").values()))), "id": "hidden-id", "name": "hidden"}
+    r.hset("congress:t:policy-names", "hidden", "hidden-id")
+    r.hset("congress:t:policies", "hidden-id", json.dumps(policy))
+    r.incr("congress:t:notice-seq")
+    started = time.monotonic()
+    status, body = b.request("POST", "/v1/policies/hidden/rules", {"rule": "q(x) :- quick0:vms(id=x, state=\"up\")"})
+    assert status == 201, body
+    assert time.monotonic() - started < 4
+    assert b.get("/v1/policies/hidden")[0] == 200
+    assert a.get("/v1/policies/nothing-here")[0] == 404

@@ -82,16 +82,24 @@ class Api:
         self.store = node.store
 
     # -- helpers --------------------------------------------------------------------------------------
-    def _policy(self, request: Request) -> dict:
-        policy = self.pe.policy(request.path_params["policy"])
+    # A name this node does not know may have been created through another node a moment ago: catch up on
+    # the notices before answering 404.
+    async def _policy(self, request: Request) -> dict:
+        ref = request.path_params["policy"]
+        if self.pe.policy(ref) is None:
+            await self.pe.catch_up()
+        policy = self.pe.policy(ref)
         if policy is None:
-            raise ApiError(404, f"policy {request.path_params['policy']!r} not found")
+            raise ApiError(404, f"policy {ref!r} not found")
         return policy
 
-    def _datasource(self, request: Request) -> dict:
-        ds = self.pe.datasource(request.path_params["ds"])
+    async def _datasource(self, request: Request) -> dict:
+        ref = request.path_params["ds"]
+        if self.pe.datasource(ref) is None:
+            await self.pe.catch_up()
+        ds = self.pe.datasource(ref)
         if ds is None:
-            raise ApiError(404, f"datasource {request.path_params['ds']!r} not found")
+            raise ApiError(404, f"datasource {ref!r} not found")
         return ds
 
     def _rule(self, policy: dict, rule_id: str) -> dict:
@@ -159,11 +167,11 @@ class Api:
 
     async def show_policy(self, request: Request) -> Response:
         """Show one policy (id or name)."""
-        return JSONResponse(self._policy(request))
+        return JSONResponse(await self._policy(request))
 
     async def delete_policy(self, request: Request) -> Response:
         """Delete a policy and its rules."""
-        policy = self._policy(request)
+        policy = await self._policy(request)
         if not await self.store.delete_policy(policy):
             raise ApiError(404, f"policy {policy['name']!r} not found")
         self.pe.drop_policy(policy["id"])
@@ -172,12 +180,13 @@ class Api:
     # -- rules ----------------------------------------------------------------------------------------
     async def list_rules(self, request: Request) -> Response:
         """List the rules of a policy."""
-        policy = self._policy(request)
+        policy = await self._policy(request)
         return results([public_rule(r) for r in self.pe.rule_list(policy["id"])])
 
     async def create_rule(self, request: Request) -> Response:
         """Add a rule: {"rule": text, "name"?, "comment"?}; 400 names the position of a parse/check error."""
-        policy = self._policy(request)
+        await self.pe.catch_up()   # the policy and the datasources it names may be a moment old
+        policy = await self._policy(request)
         body = await json_body(request)
         text = body.get("rule") if isinstance(body, dict) else None
         if not isinstance(text, str) or not text.strip():
@@ -200,11 +209,11 @@ class Api:
 
     async def show_rule(self, request: Request) -> Response:
         """Show one rule."""
-        return JSONResponse(public_rule(self._rule(self._policy(request), request.path_params["rule"])))
+        return JSONResponse(public_rule(self._rule(await self._policy(request), request.path_params["rule"])))
 
     async def delete_rule(self, request: Request) -> Response:
         """Delete one rule."""
-        policy = self._policy(request)
+        policy = await self._policy(request)
         rule = self._rule(policy, request.path_params["rule"])
         if not await self.store.delete_rule(policy, rule["id"]):
             raise ApiError(404, f"rule {rule['id']!r} not found")
@@ -214,12 +223,12 @@ class Api:
     # -- policy tables --------------------------------------------------------------------------------
     async def list_policy_tables(self, request: Request) -> Response:
         """Tables defined by a policy's rules."""
-        policy = self._policy(request)
+        policy = await self._policy(request)
         return results([{"id": t} for t in self.pe.engine.tables(policy["name"])])
 
     async def show_policy_table(self, request: Request) -> Response:
         """One table of a policy."""
-        policy = self._policy(request)
+        policy = await self._policy(request)
         table = request.path_params["table"]
         if table not in self.pe.engine.tables(policy["name"]):
             raise ApiError(404, f"table {table!r} not found in policy {policy['name']!r}")
@@ -227,7 +236,7 @@ class Api:
 
     async def policy_rows(self, request: Request) -> Response:
         """Rows of a policy table: {"results": [{"data": [...]}]}."""
-        policy = self._policy(request)
+        policy = await self._policy(request)
         table = request.path_params["table"]
         if table not in self.pe.engine.tables(policy["name"]):
             raise ApiError(404, f"table {table!r} not found in policy {policy['name']!r}")
@@ -254,11 +263,11 @@ class Api:
 
     async def show_datasource(self, request: Request) -> Response:
         """Show one datasource (id or name)."""
-        return JSONResponse(self._datasource(request))
+        return JSONResponse(await self._datasource(request))
 
     async def delete_datasource(self, request: Request) -> Response:
         """Delete a datasource; the DSD stops it."""
-        ds = self._datasource(request)
+        ds = await self._datasource(request)
         if not await self.store.delete_datasource(ds):
             raise ApiError(404, f"datasource {ds['name']!r} not found")
         self.pe.drop_datasource(ds["id"])
@@ -266,7 +275,7 @@ class Api:
 
     async def datasource_action(self, request: Request) -> Response:
         """POST ?action=execute {"name", "args": {"positional": [...]}}: run an action on the datasource."""
-        ds = self._datasource(request)
+        ds = await self._datasource(request)
         if request.query_params.get("action") != "execute":
             raise ApiError(400, "unsupported action; use ?action=execute")
         body = await json_body(request)
@@ -281,8 +290,8 @@ class Api:
                                     {"pe": self.node.cfg.node_id, "inc": self.node.incarnation, "reqs": [req]})
         return JSONResponse({"action_id": req["id"]})
 
-    def _ds_table(self, request: Request) -> tuple[dict, str]:
-        ds = self._datasource(request)
+    async def _ds_table(self, request: Request) -> tuple[dict, str]:
+        ds = await self._datasource(request)
         table = request.path_params["table"]
         if table not in ds["config"]["tables"]:
             raise ApiError(404, f"table {table!r} not found in datasource {ds['name']!r}")
@@ -290,22 +299,22 @@ class Api:
 
     async def list_datasource_tables(self, request: Request) -> Response:
         """Tables of a datasource."""
-        ds = self._datasource(request)
+        ds = await self._datasource(request)
         return results([{"id": t, "columns": c} for t, c in table_columns(ds).items()])
 
     async def show_datasource_table(self, request: Request) -> Response:
         """One table of a datasource."""
-        ds, table = self._ds_table(request)
+        ds, table = await self._ds_table(request)
         return JSONResponse({"id": table})
 
     async def datasource_schema(self, request: Request) -> Response:
         """Schema of every table of a datasource."""
-        ds = self._datasource(request)
+        ds = await self._datasource(request)
         return JSONResponse({"tables": [table_spec(t, c) for t, c in table_columns(ds).items()]})
 
     async def datasource_table_spec(self, request: Request) -> Response:
         """Schema of one datasource table."""
-        ds, table = self._ds_table(request)
+        ds, table = await self._ds_table(request)
         return JSONResponse(table_spec(table, table_columns(ds)[table]))
 
     async def list_drivers(self, request: Request) -> Response:
@@ -315,12 +324,12 @@ class Api:
 
     async def datasource_rows(self, request: Request) -> Response:
         """Rows of a datasource table as this PE holds them."""
-        ds, table = self._ds_table(request)
+        ds, table = await self._ds_table(request)
         return rows_body(rows_of(self.pe.engine, f"{ds['name']}:{table}"))
 
     async def push_rows(self, request: Request) -> Response:
         """Replace a push datasource's table: body is a list of rows (lists, {"data": [...]} or objects)."""
-        ds, table = self._ds_table(request)
+        ds, table = await self._ds_table(request)
         if ds["driver"] != "push":
             raise ApiError(400, f"datasource {ds['name']!r} is not a push datasource")
         rows = coerce_rows(await json_body(request), ds["config"]["tables"][table]["columns"])
@@ -330,7 +339,7 @@ class Api:
 
     async def datasource_status(self, request: Request) -> Response:
         """Driver status as the DSD reports it in its heartbeat, plus (epoch, seq) of each table."""
-        ds = self._datasource(request)
+        ds = await self._datasource(request)
         dsd = self.pe.dsd or {}
         reported = (dsd.get("datasources") or {}).get(ds["id"], {})
         tables = [t for t in self.pe.table_status() if t["datasource_id"] == ds["id"]]

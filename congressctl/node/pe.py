@@ -93,6 +93,8 @@ class PolicyNode:
         self.actions_dropped = 0
         self.touched: dict[str, float] = {}          # id -> when a notice or API write last changed it
         self.recent: deque[tuple[float, dict]] = deque(maxlen=RESEND_MAX)
+        self.notice_seq = 0                          # "nseq" of the last change notice applied (or synced past)
+        self.notice_seen = asyncio.Event()
         self.resent = 0
 
     # -- lookups --------------------------------------------------------------------------------------
@@ -216,6 +218,7 @@ class PolicyNode:
 
     def on_notice(self, data: dict) -> None:
         """Apply another node's change (this node's API handlers apply their own writes themselves)."""
+        self._saw_notices_up_to(data.get("nseq"))
         if data.get("origin") == self.store.origin:
             return
         kind, op = data.get("kind"), data.get("op")
@@ -235,6 +238,32 @@ class PolicyNode:
         except (PolicyError, KeyError, TypeError) as exc:
             log.error("notice %s %s not applied: %s (the full sync will retry)", kind, op, exc)
 
+    def _saw_notices_up_to(self, nseq: Any) -> None:
+        if isinstance(nseq, int) and nseq > self.notice_seq:
+            self.notice_seq = nseq
+            self.notice_seen.set()
+
+    async def catch_up(self, timeout_s: float = 1.0) -> None:
+        """Return once every change notice published before the call is applied here (a full sync when one
+        does not come within timeout_s: it was lost). So a client that creates a policy through one API node
+        and adds a rule through another, as a load balancer sends them, finds its policy."""
+        target = await self.store.notice_seq()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self.notice_seen.clear()
+            if self.notice_seq >= target:
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                log.warning("notices up to %d not seen within %.1fs (have %d): full sync", target, timeout_s,
+                            self.notice_seq)
+                await self.full_sync()
+                return
+            try:
+                await asyncio.wait_for(self.notice_seen.wait(), remaining)
+            except asyncio.TimeoutError:
+                pass
+
     async def full_sync(self) -> None:
         """Make the mirror equal the store (safety net after reconnects and missed notices).
 
@@ -242,6 +271,7 @@ class PolicyNode:
         read began is newer than what was read and is left alone.
         """
         started = time.monotonic()
+        nseq = await self.store.notice_seq()   # read first: every later change comes as a notice
         datasources = {d["id"]: d for d in await self.store.datasources()}
         policies = {p["id"]: p for p in await self.store.policies()}
         rules = {pid: await self.store.rules(pid) for pid in policies}
@@ -271,6 +301,7 @@ class PolicyNode:
                               policies[pid]["name"], exc)
         for state in list(self.tables.values()):
             await self.resync(state)
+        self._saw_notices_up_to(nseq)
         self.loaded = True
 
     # -- tables ---------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ Keys (prefix congress:<cluster>:):
   pushed:<dsid>:<table>   JSON list of rows last pushed through the API
   pushver:<dsid>:<table>  counter: the version of those rows (one more for every push)
   snap:<dsid>:<table>     set of canonical row JSON       snapmeta:<dsid>:<table>  hash epoch, seq
+  notice-seq    counter: every change notice carries the next ("nseq"), so a node can tell it has applied
+                every notice published before a given moment (PolicyNode.catch_up)
   epoch         counter: every DSD start takes the next
   executed:<action id>   "run:<epoch>" while that DSD's POST is unanswered, then "done"; with a TTL
 """
@@ -26,37 +28,40 @@ from congressctl.errors import BusError
 
 Row = tuple
 
+# Every notice is passed open (its JSON without the closing brace) and closed here with its "nseq".
+# KEYS: names, defs, notice-seq; ARGV: name, id, definition JSON, channel, notice
 _CREATE_NAMED = """
 if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
-redis.call('PUBLISH', ARGV[4], ARGV[5])
+redis.call('PUBLISH', ARGV[4], ARGV[5] .. ',"nseq":' .. redis.call('INCR', KEYS[3]) .. '}')
 return 1
 """
 
-# KEYS: names, defs, then keys to delete with the object; ARGV: name, id, channel, notice
+# KEYS: names, defs, notice-seq, then keys to delete with the object; ARGV: name, id, channel, notice
 _DELETE_NAMED = """
 if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
 redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('HDEL', KEYS[2], ARGV[2])
-for i = 3, #KEYS do redis.call('DEL', KEYS[i]) end
-redis.call('PUBLISH', ARGV[3], ARGV[4])
+for i = 4, #KEYS do redis.call('DEL', KEYS[i]) end
+redis.call('PUBLISH', ARGV[3], ARGV[4] .. ',"nseq":' .. redis.call('INCR', KEYS[3]) .. '}')
 return 1
 """
 
-# KEYS: policies, rules:<pid>, rule counter; ARGV: pid, rule id, rule JSON prefix (closed here with "n"), channel,
-# notice prefix (closed with the same "n")
+# KEYS: policies, rules:<pid>, rule counter, notice-seq; ARGV: pid, rule id, rule JSON prefix (closed here with
+# "n"), channel, notice prefix (the rule goes last)
 _ADD_RULE = """
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return -1 end
 local n = redis.call('INCR', KEYS[3])
 local rule = ARGV[3] .. ',"n":' .. n .. '}'
 redis.call('HSET', KEYS[2], ARGV[2], rule)
-redis.call('PUBLISH', ARGV[4], ARGV[5] .. rule .. '}')
+redis.call('PUBLISH', ARGV[4], ARGV[5] .. rule .. ',"nseq":' .. redis.call('INCR', KEYS[4]) .. '}')
 return n
 """
 
+# KEYS: rules:<pid>, notice-seq; ARGV: rule id, channel, notice
 _DELETE_RULE = """
 if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
-redis.call('PUBLISH', ARGV[2], ARGV[3])
+redis.call('PUBLISH', ARGV[2], ARGV[3] .. ',"nseq":' .. redis.call('INCR', KEYS[2]) .. '}')
 return 1
 """
 
@@ -129,6 +134,11 @@ return out
 """
 
 
+def open_json(obj: dict) -> str:
+    """A JSON object without its closing brace, for a script to add a last member to."""
+    return dumps(obj)[:-1]
+
+
 def row_key(row: Iterable[Any]) -> str:
     """Canonical JSON of a row: the member stored in a snapshot set and sent in diffs."""
     return dumps(list(row))
@@ -159,6 +169,7 @@ class Store:
         self.k_datasources = k("datasources")
         self.k_rule_counter = k("rule-counter")
         self.k_epoch = k("epoch")
+        self.k_notice_seq = k("notice-seq")
         self._create_named = client.register_script(_CREATE_NAMED)
         self._delete_named = client.register_script(_DELETE_NAMED)
         self._add_rule = client.register_script(_ADD_RULE)
@@ -191,16 +202,16 @@ class Store:
     # -- policies -------------------------------------------------------------------------------------
     async def create_policy(self, policy: dict) -> bool:
         """False when the name is taken (nothing written)."""
-        notice = dumps({"origin": self.origin, "kind": "policy", "op": "create", "policy": policy})
+        notice = open_json({"origin": self.origin, "kind": "policy", "op": "create", "policy": policy})
         done = await self._call(self._create_named(
-            keys=[self.k_policy_names, self.k_policies],
+            keys=[self.k_policy_names, self.k_policies, self.k_notice_seq],
             args=[policy["name"], policy["id"], dumps(policy), self.ch.notice, notice]))
         return bool(done)
 
     async def delete_policy(self, policy: dict) -> bool:
-        notice = dumps({"origin": self.origin, "kind": "policy", "op": "delete", "policy": policy})
+        notice = open_json({"origin": self.origin, "kind": "policy", "op": "delete", "policy": policy})
         done = await self._call(self._delete_named(
-            keys=[self.k_policy_names, self.k_policies, self.k_rules(policy["id"])],
+            keys=[self.k_policy_names, self.k_policies, self.k_notice_seq, self.k_rules(policy["id"])],
             args=[policy["name"], policy["id"], self.ch.notice, notice]))
         return bool(done)
 
@@ -210,20 +221,20 @@ class Store:
 
     async def add_rule(self, policy: dict, rule: dict) -> dict | None:
         """Store a rule (None when its policy is gone); returns the stored rule with its order number."""
-        body = dumps(rule)[:-1]
-        notice_prefix = dumps({"origin": self.origin, "kind": "rule", "op": "create", "policy": policy["name"],
-                               "policy_id": policy["id"]})[:-1] + ',"rule":'
+        body = open_json(rule)
+        notice_prefix = open_json({"origin": self.origin, "kind": "rule", "op": "create", "policy": policy["name"],
+                               "policy_id": policy["id"]}) + ',"rule":'
         n = await self._call(self._add_rule(
-            keys=[self.k_policies, self.k_rules(policy["id"]), self.k_rule_counter],
+            keys=[self.k_policies, self.k_rules(policy["id"]), self.k_rule_counter, self.k_notice_seq],
             args=[policy["id"], rule["id"], body, self.ch.notice, notice_prefix]))
         if n < 0:
             return None
         return {**rule, "n": n}
 
     async def delete_rule(self, policy: dict, rule_id: str) -> bool:
-        notice = dumps({"origin": self.origin, "kind": "rule", "op": "delete", "policy": policy["name"],
-                        "policy_id": policy["id"], "rule_id": rule_id})
-        done = await self._call(self._delete_rule(keys=[self.k_rules(policy["id"])],
+        notice = open_json({"origin": self.origin, "kind": "rule", "op": "delete", "policy": policy["name"],
+                            "policy_id": policy["id"], "rule_id": rule_id})
+        done = await self._call(self._delete_rule(keys=[self.k_rules(policy["id"]), self.k_notice_seq],
                                                   args=[rule_id, self.ch.notice, notice]))
         return bool(done)
 
@@ -233,20 +244,20 @@ class Store:
 
     # -- datasources ----------------------------------------------------------------------------------
     async def create_datasource(self, ds: dict) -> bool:
-        notice = dumps({"origin": self.origin, "kind": "datasource", "op": "create", "datasource": ds})
+        notice = open_json({"origin": self.origin, "kind": "datasource", "op": "create", "datasource": ds})
         done = await self._call(self._create_named(
-            keys=[self.k_ds_names, self.k_datasources],
+            keys=[self.k_ds_names, self.k_datasources, self.k_notice_seq],
             args=[ds["name"], ds["id"], dumps(ds), self.ch.notice, notice]))
         return bool(done)
 
     async def delete_datasource(self, ds: dict) -> bool:
-        notice = dumps({"origin": self.origin, "kind": "datasource", "op": "delete", "datasource": ds})
+        notice = open_json({"origin": self.origin, "kind": "datasource", "op": "delete", "datasource": ds})
         extra = []
         for table in ds["config"].get("tables", {}):
             extra += [self.k_pushed(ds["id"], table), self.k_pushver(ds["id"], table), self.k_snap(ds["id"], table),
                       self.k_snapmeta(ds["id"], table)]
         done = await self._call(self._delete_named(
-            keys=[self.k_ds_names, self.k_datasources, *extra],
+            keys=[self.k_ds_names, self.k_datasources, self.k_notice_seq, *extra],
             args=[ds["name"], ds["id"], self.ch.notice, notice]))
         return bool(done)
 
@@ -262,7 +273,7 @@ class Store:
     async def push_rows(self, ds: dict, table: str, rows: list[list]) -> bool:
         """Keep the rows pushed through the API and tell the DSD (the notice carries them and their version);
         False when the datasource is gone."""
-        prefix = dumps({"ds_id": ds["id"], "table": table})[:-1] + ","
+        prefix = open_json({"ds_id": ds["id"], "table": table}) + ","
         done = await self._call(self._push(
             keys=[self.k_pushed(ds["id"], table), self.k_datasources, self.k_pushver(ds["id"], table)],
             args=[ds["id"], dumps(rows), self.ch.push, prefix]))
@@ -277,7 +288,7 @@ class Store:
     async def publish_table(self, ds_id: str, ds_name: str, table: str, epoch: int, seq: int,
                             added: list[str], deleted: list[str], full: bool, publish: bool = True) -> bool:
         """Atomically update the snapshot and (epoch, seq) and publish the diff. False: a newer epoch owns it."""
-        prefix = dumps({"ds_id": ds_id, "ds": ds_name, "table": table, "epoch": epoch, "seq": seq})[:-1] + ","
+        prefix = open_json({"ds_id": ds_id, "ds": ds_name, "table": table, "epoch": epoch, "seq": seq}) + ","
         done = await self._call(self._publish_table(
             keys=[self.k_snap(ds_id, table), self.k_snapmeta(ds_id, table)],
             args=[epoch, seq, len(added), len(deleted), self.ch.diff, prefix, int(publish), int(full),
@@ -302,6 +313,10 @@ class Store:
     # -- DSD bookkeeping ------------------------------------------------------------------------------
     async def next_epoch(self) -> int:
         return int(await self._call(self.redis.incr(self.k_epoch)))
+
+    async def notice_seq(self) -> int:
+        """The "nseq" of the last change notice published."""
+        return int(await self._call(self.redis.get(self.k_notice_seq)) or 0)
 
     async def current_epoch(self) -> int:
         return int(await self._call(self.redis.get(self.k_epoch)) or 0)
