@@ -354,8 +354,8 @@ class PolicyNode:
         self.dsd = {**data, "received": now}
         if previous is None or previous.get("inc") != data.get("inc"):
             log.info("DSD %s incarnation %s heard (epoch %s)", data.get("node"), data.get("inc"), data.get("epoch"))
-        if previous is not None and previous.get("inc") != data.get("inc"):
-            self.resend_recent()
+            if previous is not None:
+                self.resend_recent()
         tables = data.get("tables") or {}
         for state in list(self.tables.values()):
             seen = tables.get(state.key)
