@@ -22,13 +22,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.parse
 from pathlib import Path
+from typing import Awaitable, Callable
 
 import httpx
 import redis
+import uvloop
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -41,6 +42,8 @@ RATE = float(os.environ.get("BENCH_BUS_RATE", 1000))
 WINDOW = 10
 # The same measure at a lower rate, to tell queueing (CPU saturation of the 2-core box) from path latency.
 LOW_RATE = float(os.environ.get("BENCH_BUS_LOW_RATE", 400))
+# When set, each latency run writes "<seconds since start> <latency ms>" per change to TRACE.<run name>.
+TRACE = os.environ.get("BENCH_BUS_TRACE")
 CONTENT_LENGTH = re.compile(rb"(?i)\r\ncontent-length:\s*(\d+)")
 
 
@@ -64,24 +67,15 @@ def wait_for(predicate, timeout: float, what: str):
 
 
 class Sink:
-    """The actions' receiver: HTTP/1.1 keep-alive on asyncio in a thread, reading only Content-Length and the
-    body. It stands for a service on another host, so it is kept cheap (http.server cost about 0.1 ms of CPU
-    per action, taken from the nodes on this 2-core machine)."""
+    """The actions' receiver: HTTP/1.1 keep-alive, reading only Content-Length and the body. It stands for a
+    service on another host, so it is kept cheap: it shares one uvloop loop with the load generator in the
+    bench's main thread (http.server, or a second thread with its own loop, cost the nodes' 2 shared cores
+    0.05-0.1 ms of CPU per action). Its socket listens from the start; it answers while `drive` runs."""
 
     def __init__(self) -> None:
         self.received: dict[int, float] = {}
-        self.loop = asyncio.new_event_loop()
-        ready = threading.Event()
-        threading.Thread(target=self._serve, args=(ready,), daemon=True).start()
-        ready.wait(10)
-        self.url = f"http://127.0.0.1:{self.port}/actions"
-
-    def _serve(self, ready: threading.Event) -> None:
-        asyncio.set_event_loop(self.loop)
-        server = self.loop.run_until_complete(asyncio.start_server(self._connection, "127.0.0.1", 0, backlog=256))
-        self.port = server.sockets[0].getsockname()[1]
-        ready.set()
-        self.loop.run_forever()
+        self.sock = socket.create_server(("127.0.0.1", 0), backlog=256)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/actions"
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -94,42 +88,51 @@ class Sink:
         except (asyncio.IncompleteReadError, ConnectionError):
             writer.close()
 
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-
-
-class Putter:
-    """PUTs over one kept-alive socket, reading only the status and Content-Length of each answer: the load
-    generator stands for clients on other hosts, so it is kept cheap (http.client's header parsing cost about
-    0.1 ms of CPU per request)."""
-
-    def __init__(self, url: str) -> None:
-        u = urllib.parse.urlsplit(url)
-        self.sock = socket.create_connection((u.hostname, u.port), timeout=10)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.host = u.netloc
-        self.buffer = b""
-
-    def put(self, path: str, body: bytes) -> int:
-        self.sock.sendall(f"PUT {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
-                          f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-        while b"\r\n\r\n" not in self.buffer:
-            self._read()
-        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
-        length = int(CONTENT_LENGTH.search(head).group(1))
-        while len(self.buffer) < length:
-            self._read()
-        self.buffer = self.buffer[length:]
-        return int(head.split(None, 2)[1])
-
-    def _read(self) -> None:
-        chunk = self.sock.recv(65536)
-        if not chunk:
-            raise SystemExit("bench: the API closed the connection")
-        self.buffer += chunk
+    def drive(self, load: Callable[[], Awaitable[None]], expected: int, timeout: float) -> None:
+        """Serve while `load()` runs, then until `expected` actions have arrived."""
+        async def main() -> None:
+            server = await asyncio.start_server(self._connection, sock=self.sock.dup())
+            await load()
+            deadline = time.monotonic() + timeout
+            while len(self.received) < expected:
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"bench: {len(self.received)} of {expected} actions at the sink")
+                await asyncio.sleep(0.02)
+            server.close()
+        uvloop.run(main())
 
     def close(self) -> None:
         self.sock.close()
+
+
+class Putter:
+    """PUTs over one kept-alive connection, reading only the status and Content-Length of each answer: the
+    load generator stands for clients on other hosts, so it is kept cheap (http.client's header parsing
+    cost about 0.1 ms of CPU per request)."""
+
+    def __init__(self, url: str) -> None:
+        u = urllib.parse.urlsplit(url)
+        self.address = (u.hostname, u.port)
+        self.host = u.netloc
+
+    async def run(self, path: str, bodies: list[bytes], rate: float, sent: dict[int, float]) -> float:
+        """PUT each body at `rate` per second, noting when each was sent; returns the rate achieved."""
+        reader, writer = await asyncio.open_connection(*self.address)
+        start = time.monotonic()
+        for k, body in enumerate(bodies):
+            pause = start + k / rate - time.monotonic()
+            if pause > 0:
+                await asyncio.sleep(pause)
+            sent[k] = time.monotonic()
+            writer.write(f"PUT {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+                         f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            head = await reader.readuntil(b"\r\n\r\n")
+            await reader.readexactly(int(CONTENT_LENGTH.search(head).group(1)))
+            if head.split(None, 2)[1] != b"200":
+                raise SystemExit(f"bench: PUT {path} answered {head.split(None, 2)[1].decode()}")
+        rate = len(bodies) / (time.monotonic() - start)
+        writer.close()
+        return rate
 
 
 class Cluster:
@@ -239,25 +242,24 @@ def bench_latency(cluster: Cluster, client: httpx.Client, sink: Sink, rate: floa
     sent: dict[int, float] = {}
     putter = Putter(a)
     path = f"/v1/data-sources/{name}/tables/ev/rows"
+    bodies = [json.dumps([[i] for i in range(max(0, k - WINDOW), k + 1)]).encode() for k in range(LATENCY_CHANGES)]
     pids = {name: p.pid for name, p in cluster.named.items()}
     cpu_before = cpu_seconds(pids)
-    start = time.monotonic()
-    for k in range(LATENCY_CHANGES):
-        due = start + k / rate
-        pause = due - time.monotonic()
-        if pause > 0:
-            time.sleep(pause)
-        sent[k] = time.monotonic()
-        status = putter.put(path, json.dumps([[i] for i in range(max(0, k - WINDOW), k + 1)]).encode())
-        if status != 200:
-            raise SystemExit(f"bench: PUT {path} answered {status}")
-    putter.close()
-    rate = LATENCY_CHANGES / (time.monotonic() - start)
-    wait_for(lambda: len(sink.received) >= LATENCY_CHANGES, 30, "every action at the sink")
+    achieved: list[float] = []
+
+    async def load() -> None:
+        achieved.append(await putter.run(path, bodies, rate, sent))
+    sink.drive(load, LATENCY_CHANGES, 30)
+    rate = achieved[0]
+    start = min(sent.values())
     cpu_after = cpu_seconds(pids)
     cluster.cpu_ms_per_change = {k: round((cpu_after[k] - cpu_before[k]) * 1000 / LATENCY_CHANGES, 3)
                                  for k in cpu_after}
-    lat = sorted((sink.received[k] - sent[k]) * 1000 for k in range(LATENCY_CHANGES))
+    series = [(sent[k] - start, (sink.received[k] - sent[k]) * 1000) for k in range(LATENCY_CHANGES)]
+    if TRACE:
+        Path(f"{TRACE}.{name}.start").write_text(f"{time.time() - (time.monotonic() - start):.4f}\n")
+        Path(f"{TRACE}.{name}").write_text("".join(f"{t:.4f} {ms:.2f}\n" for t, ms in series))
+    lat = sorted(ms for _, ms in series)
     return statistics.median(lat), lat[int(0.99 * (len(lat) - 1))], rate
 
 
