@@ -8,6 +8,7 @@ sync since the last (re)connect.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import re
@@ -17,6 +18,7 @@ import uuid
 from typing import Any, Awaitable, Callable
 
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -423,6 +425,28 @@ def guarded(fn: Callable[[Request], Awaitable[Response]],
     return endpoint
 
 
+PUSH_PATH = re.compile(r"^/v1/data-sources/(?P<ds>[^/]+)/tables/(?P<table>[^/]+)/rows$")
+
+
+class PushFastPath:
+    """Pure ASGI wrapper: the rows PUT, by far the most frequent request, goes straight to its guarded handler,
+    skipping Starlette's middleware stack and router (about a third of that request's CPU in the API node);
+    every other request goes to the app. The handler, its errors and its answers are the app's own."""
+
+    def __init__(self, app: Starlette, push: Callable[[Request], Awaitable[Response]]):
+        self.app = app
+        self.push = push
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        match = PUSH_PATH.match(scope["path"]) if scope["type"] == "http" and scope["method"] == "PUT" else None
+        if match is None:
+            await self.app(scope, receive, send)
+            return
+        scope["path_params"] = match.groupdict()
+        response = await self.push(Request(scope, receive))
+        await response(scope, receive, send)
+
+
 def openapi_document(routes: list[Route]) -> dict:
     """A small OpenAPI 3 document generated from the route table and the handlers' docstrings."""
     paths: dict[str, dict] = {}
@@ -438,6 +462,38 @@ def openapi_document(routes: list[Route]) -> dict:
                 "parameters": params, "responses": {"200": {"description": "OK"}}}
     return {"openapi": "3.0.3", "info": {"title": "congressctl policy API (Congress v1)", "version": "1.0"},
             "paths": paths}
+
+
+class _JoinedWrites:
+    """A transport that sends the writes made within one event-loop step as one: uvicorn writes a response's
+    head and body separately, and with TCP_NODELAY that is two sends and two segments for the client to
+    wake up to, on every request."""
+
+    def __init__(self, transport: asyncio.Transport):
+        self._transport = transport
+        self._pending: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if not self._pending:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._pending.append(data)
+
+    def _flush(self) -> None:
+        if self._pending and not self._transport.is_closing():
+            self._transport.write(b"".join(self._pending))
+        self._pending.clear()
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+class _Http(HttpToolsProtocol):
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(_JoinedWrites(transport))  # type: ignore[arg-type]
 
 
 class _Server(uvicorn.Server):
@@ -460,7 +516,8 @@ class ApiPeNode(BusWorker):
         self.api = Api(self)
         routes = self.api.routes()
         self.openapi = openapi_document(routes)
-        self.app = Starlette(routes=routes)
+        push = next(r.endpoint for r in routes if r.path.endswith("/tables/{table}/rows") and "PUT" in r.methods)
+        self.app = PushFastPath(Starlette(routes=routes), push)
         self.server: _Server | None = None
         self.sock: socket.socket | None = None
 
@@ -479,8 +536,8 @@ class ApiPeNode(BusWorker):
         sock.setblocking(False)
         self.sock = sock
         # proxy_headers off: nothing here reads the client's address, and the middleware costs every request
-        config = uvicorn.Config(self.app, log_config=None, access_log=False, lifespan="off", proxy_headers=False,
-                                timeout_graceful_shutdown=0.5, timeout_keep_alive=5)
+        config = uvicorn.Config(self.app, http=_Http, log_config=None, access_log=False, lifespan="off",
+                                proxy_headers=False, timeout_graceful_shutdown=0.5, timeout_keep_alive=5)
         self.server = _Server(config)
         log.info("api-pe %s starting, incarnation %s, API on %s:%d", self.cfg.node_id, self.incarnation,
                  self.cfg.api.bind, self.cfg.api.port)
