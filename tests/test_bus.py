@@ -17,7 +17,7 @@ def run(coro):
 
 
 def client_for(server, password=None):
-    return make_redis(server.host, server.port, password or server.password, timeout=2.0)
+    return make_redis(server.host, server.port, password or server.password)
 
 
 # -- store ------------------------------------------------------------------------------------------------

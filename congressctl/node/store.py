@@ -23,8 +23,7 @@ from typing import Any, Iterable
 
 import redis.asyncio as aioredis
 
-from congressctl.bus import BUS_ERRORS, Channels, dumps
-from congressctl.errors import BusError
+from congressctl.bus import Channels, command, dumps
 
 Row = tuple
 
@@ -194,10 +193,7 @@ class Store:
         return self.ch.key("snapmeta", ds_id, table)
 
     async def _call(self, coro: Any) -> Any:
-        try:
-            return await coro
-        except BUS_ERRORS as exc:
-            raise BusError(f"store unreachable: {exc}") from exc
+        return await command(coro, "store unreachable")
 
     # -- policies -------------------------------------------------------------------------------------
     async def create_policy(self, policy: dict) -> bool:
