@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import signal
 import threading
 import time
+import urllib.parse
 
 import pytest
 
@@ -200,3 +202,33 @@ def test_a_write_through_one_node_is_found_at_once_through_another(two_apis):
     assert time.monotonic() - started < 4
     assert b.get("/v1/policies/hidden")[0] == 200
     assert a.get("/v1/policies/nothing-here")[0] == 404
+
+
+def test_rows_put_on_a_kept_alive_connection_answers_like_every_other_request(two_apis):
+    """The rows PUT has its own short path into the app, and responses go out as one send: on one HTTP/1.1
+    connection kept alive (as HAProxy and clients keep it), every answer arrives whole, errors included."""
+    cluster, a, b = two_apis
+    assert a.request("POST", "/v1/data-sources", push_ds("kept"))[0] == 201
+    u = urllib.parse.urlsplit(a.url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=5)
+    answers = []
+    for method, path, body in [("PUT", "/v1/data-sources/kept/tables/vms/rows", [["v1", "up"]]),
+                               ("PUT", "/v1/data-sources/kept/tables/vms/rows", {"not": "rows"}),
+                               ("PUT", "/v1/data-sources/nope/tables/vms/rows", []),
+                               ("PUT", "/v1/data-sources/kept/tables/nope/rows", []),
+                               ("GET", "/v1/data-sources/kept/tables/vms/rows", None),
+                               ("PUT", "/v1/data-sources/kept/tables/vms/rows/", [])]:
+        conn.request(method, path, body=None if body is None else json.dumps(body),
+                     headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        answers.append((resp.status, resp.read()))
+        assert not resp.will_close
+    conn.close()
+    assert answers[0] == (200, b"{}")
+    assert answers[1][0] == 400 and b"error" in answers[1][1]
+    assert answers[2][0] == 404 and b"nope" in answers[2][1]
+    assert answers[3][0] == 404 and b"nope" in answers[3][1]
+    assert answers[4][0] == 200 and json.loads(answers[4][1])["results"] in ([], [{"data": ["v1", "up"]}])
+    assert answers[5][0] == 307   # not the short path: the app redirects to the path without the slash
+    wait_for(lambda: b.get("/v1/data-sources/kept/tables/vms/rows")[1]["results"] == [{"data": ["v1", "up"]}],
+             5, what="the pushed row on the other node")
