@@ -374,8 +374,10 @@ class DsdNode(BusWorker):
         await self._publish(state, {row_key(r) for r in rows}, full=False, push_version=version)
 
     async def refresh_pushed(self, ds_id: str, table: str) -> None:
+        """Publish the stored pushed rows when their version is newer than the table's (read first, so that
+        the periodic full sync reads no rows of a table already in step)."""
         state = self.tables.get((ds_id, table))
-        if state is None:
+        if state is None or await self.store.pushed_version(ds_id, table) <= state.push_version:
             return
         version, rows = await self.store.pushed_rows(ds_id, table)
         await self._publish(state, {row_key(r) for r in rows}, full=False, push_version=version)

@@ -306,7 +306,11 @@ class PolicyNode:
 
     # -- tables ---------------------------------------------------------------------------------------
     async def resync(self, state: TableSync) -> None:
-        """Replace the table from the stored snapshot when that is newer than what we hold."""
+        """Replace the table from the stored snapshot when that is newer than what we hold. Its (epoch, seq)
+        is read first, so the periodic full sync reads no rows of a table already in step (reading and
+        parsing 100k rows takes the loop away for about half a second)."""
+        if await self.store.snapshot_meta(state.ds_id, state.table) <= (state.epoch, state.seq):
+            return
         snap = await self.store.snapshot(state.ds_id, state.table)
         if self.tables.get((state.ds_id, state.table)) is not state:
             return

@@ -280,6 +280,9 @@ class Store:
         raw, version = await self._call(self.redis.mget(self.k_pushed(ds_id, table), self.k_pushver(ds_id, table)))
         return int(version or 0), [tuple(r) for r in json.loads(raw)] if raw else []
 
+    async def pushed_version(self, ds_id: str, table: str) -> int:
+        return int(await self._call(self.redis.get(self.k_pushver(ds_id, table))) or 0)
+
     # -- snapshots ------------------------------------------------------------------------------------
     async def publish_table(self, ds_id: str, ds_name: str, table: str, epoch: int, seq: int,
                             added: list[str], deleted: list[str], full: bool, publish: bool = True) -> bool:
