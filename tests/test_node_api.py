@@ -232,3 +232,25 @@ def test_rows_put_on_a_kept_alive_connection_answers_like_every_other_request(tw
     assert answers[5][0] == 307   # not the short path: the app redirects to the path without the slash
     wait_for(lambda: b.get("/v1/data-sources/kept/tables/vms/rows")[1]["results"] == [{"data": ["v1", "up"]}],
              5, what="the pushed row on the other node")
+
+
+def test_requests_waiting_for_the_same_lost_notice_share_one_full_sync(two_apis):
+    """A notice lost for good makes a node wait for it, then sync from the store: with many clients asking
+    for the object at once, that is one full sync for all of them, not one each."""
+    cluster, a, b = two_apis
+    assert a.request("POST", "/v1/policies", {"name": "seed"})[0] == 201
+    wait_for(lambda: b.get("/v1/policies/seed")[0] == 200, 5, what="seed policy on n2")
+    r = cluster.redis.client()
+    policy = {**json.loads(next(iter(r.hgetall("congress:t:policies").values()))), "id": "lost-id", "name": "lost"}
+    r.hset("congress:t:policy-names", "lost", "lost-id")
+    r.hset("congress:t:policies", "lost-id", json.dumps(policy))
+    r.incr("congress:t:notice-seq")
+    answers: list[int] = []
+    threads = [threading.Thread(target=lambda: answers.append(b.get("/v1/policies/lost", timeout=10)[0]))
+               for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(15)
+    assert answers == [200] * 8
+    assert b.log_text().count("not seen within") == 1

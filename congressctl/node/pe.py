@@ -95,6 +95,7 @@ class PolicyNode:
         self.recent: deque[tuple[float, dict]] = deque(maxlen=RESEND_MAX)
         self.notice_seq = 0                          # "nseq" of the last change notice applied (or synced past)
         self.notice_seen = asyncio.Event()
+        self.catch_up_lock = asyncio.Lock()         # one full sync for all the requests that waited in vain
         self.resent = 0
 
     # -- lookups --------------------------------------------------------------------------------------
@@ -246,7 +247,8 @@ class PolicyNode:
     async def catch_up(self, timeout_s: float = 1.0) -> None:
         """Return once every change notice published before the call is applied here (a full sync when one
         does not come within timeout_s: it was lost). So a client that creates a policy through one API node
-        and adds a rule through another, as a load balancer sends them, finds its policy."""
+        and adds a rule through another, as a load balancer sends them, finds its policy. Requests whose wait
+        ends at the same moment share one full sync."""
         target = await self.store.notice_seq()
         deadline = time.monotonic() + timeout_s
         while True:
@@ -255,9 +257,11 @@ class PolicyNode:
                 return
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                log.warning("notices up to %d not seen within %.1fs (have %d): full sync", target, timeout_s,
-                            self.notice_seq)
-                await self.full_sync()
+                async with self.catch_up_lock:
+                    if self.notice_seq < target:   # else a full sync while we waited for the lock did it
+                        log.warning("notices up to %d not seen within %.1fs (have %d): full sync", target,
+                                    timeout_s, self.notice_seq)
+                        await self.full_sync()
                 return
             try:
                 await asyncio.wait_for(self.notice_seen.wait(), remaining)
