@@ -77,6 +77,15 @@ def make_redis(host: str, port: int, password: str, tls: bool = False,
                           decode_responses=True, protocol=2, **kwargs)
 
 
+def subscriber_of(client: aioredis.Redis) -> aioredis.Redis:
+    """A client like `client` on a pool of its own whose connections never retry. With a retry, redis-py
+    reconnects a lost subscription and subscribes again by itself: the messages published meanwhile are
+    lost and the owner never hears of it, so it never resyncs."""
+    pool = client.connection_pool
+    return aioredis.Redis(connection_pool=aioredis.ConnectionPool(
+        connection_class=pool.connection_class, **{**pool.connection_kwargs, "retry": Retry(NoBackoff(), 0)}))
+
+
 async def command(coro: Awaitable[Any], what: str) -> Any:
     """Await one Redis command for at most COMMAND_TIMEOUT_S; BusError (naming `what`) when it fails."""
     try:
@@ -200,7 +209,8 @@ class Bus:
             backoff = min(backoff * 2, 2.0)
 
     async def _session(self) -> None:
-        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        subscriber = subscriber_of(self.redis)
+        pubsub = subscriber.pubsub(ignore_subscribe_messages=True)
         try:
             await asyncio.wait_for(pubsub.subscribe(*self.subscribe_to), COMMAND_TIMEOUT_S)
             self.connected = True
@@ -212,6 +222,7 @@ class Bus:
         finally:
             try:
                 await asyncio.wait_for(pubsub.aclose(), 1.0)
+                await asyncio.wait_for(subscriber.aclose(), 1.0)
             except BUS_ERRORS:
                 pass
 

@@ -210,6 +210,25 @@ def test_reconnects_and_resyncs_after_redis_restart(redis_server):
     run(go())
 
 
+def test_a_subscription_cut_by_redis_ends_the_session_so_the_owner_resyncs(redis_server):
+    """Redis (or a proxy) dropping the subscriber's connection, Redis itself staying up: the bus must
+    subscribe again through on_connect (the owner resyncs: what was published meanwhile is lost), not let
+    redis-py resubscribe silently."""
+    async def go():
+        a = Probe(redis_server, "a")
+        tasks = a.start()
+        await until(lambda: a.bus.connected and a.connects == 1)
+        killed = await asyncio.to_thread(redis_server.client().client_kill_filter, _type="pubsub")
+        await until(lambda: a.connects == 2)
+        a.messages.clear()
+        await a.bus.publish(a.bus.channels.notice, {"after": 1})
+        await until(lambda: any(ch == a.bus.channels.notice for ch, _ in a.messages))
+        await a.stop(tasks)
+        return killed, a.bus.reconnects
+    killed, reconnects = run(go())
+    assert killed == 1 and reconnects == 2
+
+
 def test_wrong_password_never_connects(redis_server):
     async def go():
         a = Probe(redis_server, "a", password="wrong")
