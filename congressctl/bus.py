@@ -9,6 +9,7 @@ when not even our own heartbeat comes back for a while, the connection is droppe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -117,6 +118,10 @@ class Bus:
     `run()` is the long-lived reader: it subscribes, calls `on_connect()` (the owner resyncs), then hands
     every message to `on_message(channel, data)` in arrival order. `heartbeat_loop()` publishes
     `heartbeat_payload()` every heartbeat interval. Both stop when `stop()` is called.
+
+    The reader waits for each message without a timeout of its own (one per message costs a timer, about
+    a third of redis-py's work per message): a watchdog cuts the subscription when not even our own
+    heartbeat has come back for a while, and `stop()` wakes it.
     """
 
     def __init__(self, client: aioredis.Redis, channels: Channels, node_id: str, role: str, incarnation: str,
@@ -138,9 +143,21 @@ class Bus:
         self.reconnects = 0
         self.last_error: str | None = None
         self._stopping = asyncio.Event()
+        self.silent_limit = max(3 * peer_timeout_s, 3 * heartbeat_s)
+        self.last_message = time.monotonic()
+        self._waiting: asyncio.Timeout | None = None   # set while the reader waits for a message
+        self._cut_reason: str | None = None
 
     def stop(self) -> None:
         self._stopping.set()
+        self._cut(None)
+
+    def _cut(self, reason: str | None) -> None:
+        """Wake the reader waiting for a message: to stop (reason None), or because the bus went silent."""
+        if self._waiting is not None:
+            self._cut_reason = reason
+            with contextlib.suppress(RuntimeError):   # no running loop: the reader is not waiting either
+                self._waiting.reschedule(asyncio.get_running_loop().time())
 
     @property
     def stopping(self) -> bool:
@@ -218,7 +235,13 @@ class Bus:
             self.last_error = None
             log.info("bus connected (subscribed to %d channels)", len(self.subscribe_to))
             await self.on_connect()
-            await self._read(pubsub)
+            watchdog = asyncio.get_running_loop().create_task(self._watch(), name="bus-silence")
+            try:
+                await self._read(pubsub)
+            finally:
+                watchdog.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watchdog
         finally:
             try:
                 await asyncio.wait_for(pubsub.aclose(), 1.0)
@@ -226,33 +249,49 @@ class Bus:
             except BUS_ERRORS:
                 pass
 
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(min(0.5, self.heartbeat_s))
+            silent = time.monotonic() - self.last_message
+            if silent > self.silent_limit:
+                self._cut(f"no message (not even our own heartbeat) for {silent:.1f}s")
+
     async def _read(self, pubsub: Any) -> None:
-        silent_limit = max(3 * self.peer_timeout_s, 3 * self.heartbeat_s)
-        last_message = time.monotonic()
-        while not self.stopping:
-            msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=min(0.5, self.heartbeat_s))
-            now = time.monotonic()
-            if msg is None:
-                if now - last_message > silent_limit:
-                    raise RedisConnectionError("no message (not even our own heartbeat) for %.1fs" % silent_limit)
-                continue
-            last_message = now
-            if msg.get("type") != "message":
-                continue
-            try:
-                data = json.loads(msg["data"])
-            except (ValueError, TypeError):
-                log.warning("undecodable message on %s dropped", msg.get("channel"))
-                continue
-            if not isinstance(data, dict):
-                continue
-            channel = msg["channel"]
-            if channel == self.channels.heartbeat:
-                self._note_heartbeat(data, now)
-            try:
-                await self.on_message(channel, data)
-            except BusError:
+        self.last_message = time.monotonic()
+        self._cut_reason = None
+        try:
+            async with asyncio.timeout(None) as deadline:
+                while not self.stopping:
+                    self._waiting = deadline
+                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
+                    self._waiting = None
+                    self.last_message = now = time.monotonic()
+                    await self._handle(msg, now)
+        except TimeoutError:
+            if not deadline.expired():
                 raise
-            except (KeyError, TypeError, ValueError, CongressctlError) as exc:
-                log.error("message on %s not handled: %s: %s", channel, type(exc).__name__, exc, exc_info=exc)
+            if self._cut_reason is not None:
+                raise RedisConnectionError(self._cut_reason) from None
+        finally:
+            self._waiting = None
+
+    async def _handle(self, msg: dict | None, now: float) -> None:
+        if msg is None or msg.get("type") != "message":
+            return
+        try:
+            data = json.loads(msg["data"])
+        except (ValueError, TypeError):
+            log.warning("undecodable message on %s dropped", msg.get("channel"))
+            return
+        if not isinstance(data, dict):
+            return
+        channel = msg["channel"]
+        if channel == self.channels.heartbeat:
+            self._note_heartbeat(data, now)
+        try:
+            await self.on_message(channel, data)
+        except BusError:
+            raise
+        except (KeyError, TypeError, ValueError, CongressctlError) as exc:
+            log.error("message on %s not handled: %s: %s", channel, type(exc).__name__, exc, exc_info=exc)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 
 import pytest
 
@@ -227,6 +228,23 @@ def test_a_subscription_cut_by_redis_ends_the_session_so_the_owner_resyncs(redis
         return killed, a.bus.reconnects
     killed, reconnects = run(go())
     assert killed == 1 and reconnects == 2
+
+
+def test_a_silent_subscription_is_cut_and_made_again(redis_server):
+    """Redis frozen (SIGSTOP): no message comes, not even our own heartbeat. The reader waits without a
+    timeout of its own, so the watchdog must cut it; after SIGCONT the bus subscribes again and resyncs."""
+    async def go():
+        a = Probe(redis_server, "a")
+        tasks = a.start()
+        await until(lambda: a.bus.connected and a.connects == 1)
+        redis_server.proc.send_signal(signal.SIGSTOP)
+        try:
+            await until(lambda: "no message" in (a.bus.last_error or ""), timeout=5)
+        finally:
+            redis_server.proc.send_signal(signal.SIGCONT)
+        await until(lambda: a.bus.connected and a.connects == 2)
+        await a.stop(tasks)
+    run(go())
 
 
 def test_wrong_password_never_connects(redis_server):
