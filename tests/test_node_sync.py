@@ -48,6 +48,11 @@ def test_dsd_restart_new_epoch_replaces_tables_with_exactly_the_new_rows(node_cl
     push(a, [(1, "a"), (2, "b"), (3, "c")])
     converge([a, b], {(1, "a"), (2, "b"), (3, "c")})
     wait_for(lambda: len(sink.ids()) == 3, 10, what="3 actions")
+    # The sink has them once the DSD marked them done: killed between the sink's answer and that mark, the
+    # DSD leaves them "running" and the next one runs them again (the at-least-once window README names).
+    r = node_cluster.redis.client()
+    wait_for(lambda: [r.get(k) for k in r.keys("congress:t:executed:*")] == ["done"] * 3, 5,
+             what="the 3 answered actions marked done")
     epoch_before = table_status(a)["epoch"]
     dsd.signal(signal.SIGKILL)
     dsd.proc.wait(5)
