@@ -63,17 +63,18 @@ def make_redis(host: str, port: int, password: str, tls: bool = False,
                tls_ca_file: str | None = None) -> aioredis.Redis:
     """An asyncio Redis client with AUTH, a connect timeout and one quick retry.
 
-    It has no socket timeout: each command is bounded by `command()` instead. With a socket timeout, redis-py
-    sends every command through asyncio.wait_for, which on Python 3.11 starts a task per command (about 10 us
-    of CPU each, on the path of every change). RESP2: redis-py 8 speaks RESP3 by default, where each pub/sub
-    message also goes through its push-notification handler (which formats the message for a debug log)."""
+    No socket timeout (redis-py 8 sets 5 s unless told otherwise): each command is bounded by `command()`
+    instead. With a socket timeout, redis-py sends every command through asyncio.wait_for, which on Python 3.11
+    starts a task per command (about 10 us of CPU each, on the path of every change). RESP2: redis-py 8 speaks
+    RESP3 by default, where each pub/sub message also goes through its push-notification handler (which formats
+    the message for a debug log)."""
     kwargs: dict[str, Any] = {}
     if tls:
         kwargs["ssl"] = True
         kwargs["ssl_cert_reqs"] = ssl_mod.CERT_REQUIRED if tls_ca_file else ssl_mod.CERT_NONE
         if tls_ca_file:
             kwargs["ssl_ca_certs"] = tls_ca_file
-    return aioredis.Redis(host=host, port=port, password=password,
+    return aioredis.Redis(host=host, port=port, password=password, socket_timeout=None,
                           socket_connect_timeout=CONNECT_TIMEOUT_S, retry=Retry(NoBackoff(), 1),
                           decode_responses=True, protocol=2, **kwargs)
 

@@ -8,7 +8,8 @@ import signal
 
 import pytest
 
-from congressctl.bus import Bus, Channels, make_redis
+from congressctl.bus import COMMAND_TIMEOUT_S, Bus, Channels, make_redis
+from congressctl.errors import BusError
 from congressctl.node.dsd import Leadership, Request, requests_of
 from congressctl.node.store import Store, row_key
 
@@ -245,6 +246,31 @@ def test_a_silent_subscription_is_cut_and_made_again(redis_server):
         await until(lambda: a.bus.connected and a.connects == 2)
         await a.stop(tasks)
     run(go())
+
+
+def test_every_command_is_bounded_when_redis_hangs(redis_server):
+    """The client has no socket timeout of its own: a frozen Redis must still fail a store command or a
+    publish with BusError after COMMAND_TIMEOUT_S, never hang the node."""
+    async def go():
+        r = client_for(redis_server)
+        store = Store(r, Channels("c"))
+        await store.policies()
+        redis_server.proc.send_signal(signal.SIGSTOP)
+        outcomes = []
+        try:
+            for call in (store.policies(), store.notice_seq(), Bus(r, Channels("c"), "a", "x", "i", 0.1, 0.3, [],
+                                                                   None, None, dict).publish("c", {"x": 1})):
+                started = asyncio.get_running_loop().time()
+                try:
+                    await asyncio.wait_for(call, COMMAND_TIMEOUT_S + 3)
+                    outcomes.append("answered")
+                except BusError:
+                    outcomes.append(round(asyncio.get_running_loop().time() - started))
+        finally:
+            redis_server.proc.send_signal(signal.SIGCONT)
+        await r.aclose()
+        return outcomes
+    assert run(go()) == [COMMAND_TIMEOUT_S] * 3
 
 
 def test_wrong_password_never_connects(redis_server):
