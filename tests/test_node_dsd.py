@@ -196,6 +196,9 @@ def test_push_notice_older_than_the_table_is_skipped(node_cluster):
     bus.incr(f"congress:t:pushver:{ds_id}:items")
     bus.publish("congress:t:push", json.dumps({"ds_id": ds_id, "table": "items"}))
     wait_for(lambda: rows(a, path) == {(4,)}, 5, what="rows read from the store for a notice without them")
+    bus.set(f"congress:t:pushed:{ds_id}:items", json.dumps([[5]]))   # as an older API node pushes: no version
+    bus.publish("congress:t:push", json.dumps({"ds_id": ds_id, "table": "items"}))
+    wait_for(lambda: rows(a, path) == {(5,)}, 5, what="rows an older API node pushed, without a version")
 
 
 def test_an_action_whose_post_got_no_answer_runs_on_the_next_dsd(node_cluster):

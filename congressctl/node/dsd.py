@@ -363,13 +363,15 @@ class DsdNode(BusWorker):
             await self._publish(state, rows, full=True, push_version=version)
 
     async def on_push(self, data: dict) -> None:
-        """A push notice carries the rows and their version; one without them (an older API node) is read."""
+        """A push notice carries the rows and their version. One without them comes from an older API node,
+        whose push bumps no version: the stored rows are read and published whatever their version."""
         ds_id, table, rows, version = data.get("ds_id"), data.get("table"), data.get("rows"), data.get("v")
         state = self.tables.get((ds_id, table))
         if state is None:
             return
         if not isinstance(rows, list) or not isinstance(version, int):
-            await self.refresh_pushed(state.ds_id, state.table)
+            _, stored = await self.store.pushed_rows(state.ds_id, state.table)
+            await self._publish(state, {row_key(r) for r in stored}, full=False)
             return
         await self._publish(state, {row_key(r) for r in rows}, full=False, push_version=version)
 

@@ -219,7 +219,7 @@ class Store:
         """Store a rule (None when its policy is gone); returns the stored rule with its order number."""
         body = open_json(rule)
         notice_prefix = open_json({"origin": self.origin, "kind": "rule", "op": "create", "policy": policy["name"],
-                               "policy_id": policy["id"]}) + ',"rule":'
+                                   "policy_id": policy["id"]}) + ',"rule":'
         n = await self._call(self._add_rule(
             keys=[self.k_policies, self.k_rules(policy["id"]), self.k_rule_counter, self.k_notice_seq],
             args=[policy["id"], rule["id"], body, self.ch.notice, notice_prefix]))
