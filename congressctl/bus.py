@@ -31,7 +31,7 @@ log = logging.getLogger("congressctl.bus")
 
 BUS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 COMMAND_TIMEOUT_S = 3.0
-CONNECT_TIMEOUT_S = 2.0
+CONNECT_TIMEOUT_S = 1.0   # a LAN answers in well under a second; a moving bus address should not hold a node
 
 
 def new_incarnation() -> str:
@@ -224,7 +224,8 @@ class Bus:
             if self.stopping:
                 break
             await self.wait_stop(backoff * (0.5 + random.random()))
-            backoff = min(backoff * 2, 2.0)
+            # capped at a heartbeat: after a bus failover the nodes are back within one of the address answering
+            backoff = min(backoff * 2, self.heartbeat_s)
 
     async def _session(self) -> None:
         subscriber = subscriber_of(self.redis)

@@ -138,3 +138,7 @@ class DatasourceConfigError(CongressctlError):
 
 class ActionDeliveryError(CongressctlError):
     """An action could not be delivered to its datasource's action URL (connect, timeout or HTTP error)."""
+
+
+class NotReplicatedError(BusError):
+    """A bus write was not confirmed by enough replicas in time (or was refused for lack of them)."""

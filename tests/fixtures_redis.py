@@ -54,6 +54,7 @@ class RedisServer:
     password: str
     host: str = "127.0.0.1"
     proc: subprocess.Popen | None = None
+    extra_conf: list[str] = field(default_factory=list)   # e.g. replicaof, min-replicas-to-write
 
     @property
     def password_file(self) -> Path:
@@ -65,7 +66,7 @@ class RedisServer:
             f"bind {self.host}", f"port {self.port}", f"dir {self.dir}", "appendonly yes",
             "appendfsync everysec", "save ''", f"requirepass {self.password}", "protected-mode yes",
             "daemonize no", f"logfile {self.dir / 'redis.log'}",
-            "client-output-buffer-limit pubsub 256mb 64mb 60", ""]))
+            "client-output-buffer-limit pubsub 256mb 64mb 60", *self.extra_conf, ""]))
         conf.chmod(0o600)
         return conf
 

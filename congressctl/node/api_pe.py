@@ -34,8 +34,15 @@ from congressctl.node.store import Store
 
 log = logging.getLogger("congressctl.api")
 
-POLICY_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")
+# what the engine takes as a policy name: refused here, before anything is stored
+POLICY_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 POLICY_KINDS = ("nonrecursive", "action", "database", "materialized")
+# Set on answers given while the bus is out of reach: seconds since it was last heard from (the answer comes
+# from this node's copy, which may miss what changed meanwhile).
+BUS_AGE_HEADER = "X-Congress-Bus-Age"
+# A bus failover (promote a replica, move the bus address) takes a few seconds; a node whose bus stays away
+# longer leaves HAProxy's pool (its /healthz answers 503).
+BUS_OUTAGE_GRACE_S = 10.0
 
 
 class ApiError(Exception):
@@ -391,35 +398,42 @@ class Api:
             (d + "/tables/{table}/rows", self.datasource_rows, ["GET"], None),
         ]
         gated = ("/v1/policies", "/v1/data-sources", "/v1/system")
-        return [Route(path, guarded(fn, self._not_synced if path.startswith(gated) else None), methods=methods,
-                      name=name or f"{fn.__name__}-{'-'.join(methods)}")
+        return [Route(path, guarded(fn, self._not_synced if path.startswith(gated) else None,
+                                    self.node.bus_age if path.startswith(gated) else None),
+                      methods=methods, name=name or f"{fn.__name__}-{'-'.join(methods)}")
                 for path, fn, methods, name in spec]
 
     def _not_synced(self) -> str | None:
         """Until its first sync a node would answer from an empty mirror (a 404 for a policy that exists):
-        a 503 instead lets HAProxy retry the request on another node."""
-        return None if self.node.synced else "policy engine not synced yet; try another node"
+        a 503 instead lets HAProxy retry the request on another node. Once it has a copy, a resync (after the
+        bus came back) or a bus outage does not stop its reads: they answer from that copy, marked."""
+        return None if self.node.has_copy else "policy engine not synced yet; try another node"
 
 
-def guarded(fn: Callable[[Request], Awaitable[Response]],
-            unready: Callable[[], str | None] | None = None) -> Callable[[Request], Awaitable[Response]]:
+def guarded(fn: Callable[[Request], Awaitable[Response]], unready: Callable[[], str | None] | None = None,
+            bus_age: Callable[[], float | None] | None = None) -> Callable[[Request], Awaitable[Response]]:
     """Turn the named errors into clear 4xx/503 answers; nothing else is caught. `unready` names why the
-    node cannot answer yet (503)."""
+    node cannot answer yet (503). `bus_age` says how long the bus has been out of reach (None: it is not):
+    an answer given meanwhile carries it in BUS_AGE_HEADER, since it comes from the node's copy."""
     async def endpoint(request: Request) -> Response:
         problem = unready() if unready else None
         if problem:
             return error_response(503, problem)
         try:
-            return await fn(request)
+            response = await fn(request)
         except ApiError as exc:
-            return error_response(exc.status, exc.message, **exc.extra)
+            response = error_response(exc.status, exc.message, **exc.extra)
         except PolicyError as exc:
             status = {"not-found": 404, "exists": 409}.get(exc.kind, 400)
-            return error_response(status, str(exc), kind=exc.kind, position=exc.position, rule=exc.rule)
+            response = error_response(status, str(exc), kind=exc.kind, position=exc.position, rule=exc.rule)
         except DatasourceConfigError as exc:
-            return error_response(400, str(exc), field=exc.field)
+            response = error_response(400, str(exc), field=exc.field)
         except BusError as exc:
-            return error_response(503, f"control bus unavailable: {exc}")
+            response = error_response(503, f"control bus unavailable: {exc}")
+        age = bus_age() if bus_age else None
+        if age is not None:
+            response.headers[BUS_AGE_HEADER] = f"{age:.3f}"
+        return response
     endpoint.__name__ = fn.__name__
     endpoint.__doc__ = fn.__doc__
     return endpoint
@@ -506,13 +520,15 @@ class _Server(uvicorn.Server):
 class ApiPeNode(BusWorker):
     def __init__(self, cfg: NodeConfig):
         super().__init__(cfg)
-        self.store = Store(self.redis, self.channels, origin=f"{cfg.node_id}/{self.incarnation}")
+        self.store = Store(self.redis, self.channels, origin=f"{cfg.node_id}/{self.incarnation}",
+                           sync_replicas=cfg.bus.sync_replicas)
         t = cfg.timings
         self.pe = PolicyNode(self.store, cfg.node_id, self.incarnation, t.peer_timeout_s, hold_s=t.heartbeat_s)
         self.bus = Bus(self.redis, self.channels, cfg.node_id, "api-pe", self.incarnation, t.heartbeat_s,
                        t.peer_timeout_s, [self.channels.notice, self.channels.diff], self.on_message,
                        self.on_connect, self.heartbeat_payload)
         self.synced = False
+        self.has_copy = False     # synced at least once: reads can answer from the copy while the bus is away
         self.api = Api(self)
         routes = self.api.routes()
         self.openapi = openapi_document(routes)
@@ -561,7 +577,7 @@ class ApiPeNode(BusWorker):
     async def on_connect(self) -> None:
         self.synced = False
         await self.pe.full_sync()
-        self.synced = True
+        self.synced = self.has_copy = True
         log.info("synced: %d policies, %d datasources, %d tables", len(self.pe.policies),
                  len(self.pe.datasources), len(self.pe.tables))
 
@@ -587,11 +603,17 @@ class ApiPeNode(BusWorker):
                 "tables": {s.key: [s.epoch, s.seq] for s in self.pe.tables.values()}}
 
     def health_problem(self) -> str | None:
-        if not self.bus.connected:
-            return f"control bus not connected ({self.bus.last_error or 'connecting'})"
-        if not self.synced:
-            return "policy engine not synced yet"
-        return None
+        """Why HAProxy should not send here (None: it may). A node with a copy stays in the pool while the bus
+        is out of reach for less than BUS_OUTAGE_GRACE_S: a bus failover takes seconds, and meanwhile reads
+        answer from the copy (writes answer 503). Longer, the node leaves the pool: its bus is gone."""
+        age = self.bus_age()
+        if age is not None and (not self.has_copy or age > BUS_OUTAGE_GRACE_S):
+            return f"control bus not connected for {age:.1f}s ({self.bus.last_error or 'connecting'})"
+        return None if self.has_copy else "policy engine not synced yet"
+
+    def bus_age(self) -> float | None:
+        """Seconds since the bus was last heard from, while it is not connected (None while it is)."""
+        return None if self.bus.connected else time.monotonic() - self.bus.last_message
 
     def status(self) -> dict:
         now = time.monotonic()

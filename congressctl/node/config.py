@@ -29,6 +29,7 @@ class BusConfig:
     password: str = field(default="", repr=False)
     tls: bool = False
     tls_ca_file: str | None = None
+    sync_replicas: int = 0     # replicas that must confirm a write before it is acknowledged (0: asynchronous)
 
 
 @dataclass
@@ -149,7 +150,10 @@ def load_node_config(path: str | os.PathLike) -> NodeConfig:
     bus = BusConfig(host=str(bus_s["host"]), port=_typed(bus_s, "port", int, 6379, path, "bus"),
                     password_file=_typed(bus_s, "password_file", str, "/etc/congressctl/bus.password", path, "bus"),
                     tls=_typed(bus_s, "tls", bool, False, path, "bus"),
-                    tls_ca_file=_typed(bus_s, "tls_ca_file", str, None, path, "bus"))
+                    tls_ca_file=_typed(bus_s, "tls_ca_file", str, None, path, "bus"),
+                    sync_replicas=_typed(bus_s, "sync_replicas", int, 0, path, "bus"))
+    if bus.sync_replicas < 0:
+        raise _fail(path, "bus.sync_replicas", "must be 0 or more")
     bus.password = _read_password(bus.password_file, path)
     t_s = _section(doc, "timings", path)
     timings = Timings(

@@ -178,6 +178,11 @@ class TableState:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
+# How long an action request waits for the bus to take its claim (a bus failover is a few seconds) before it
+# counts as failed.
+CLAIM_PATIENCE_S = 30.0
+
+
 class StaleEpoch(Exception):
     """This DSD's epoch is older than the store's: another DSD took over."""
 
@@ -185,7 +190,7 @@ class StaleEpoch(Exception):
 class DsdNode(BusWorker):
     def __init__(self, cfg: NodeConfig):
         super().__init__(cfg)
-        self.store = Store(self.redis, self.channels)
+        self.store = Store(self.redis, self.channels, sync_replicas=cfg.bus.sync_replicas)
         t = cfg.timings
         self.leadership = Leadership(t.peer_timeout_s, buffer_s=2 * t.peer_timeout_s + 1.0)
         self.bus = Bus(self.redis, self.channels, cfg.node_id, "dsd", self.incarnation, t.heartbeat_s,
@@ -442,7 +447,12 @@ class DsdNode(BusWorker):
                 claimed = await self.store.settle_actions([r.id for r in claims], marks, self.epoch,
                                                           self.cfg.timings.executed_ttl_s)
             except BusError as exc:
-                self._failed(claims, exc)
+                # a bus failover takes seconds: the claims wait for the new master instead of failing (nothing
+                # was POSTed, so claiming again later is still exactly-once)
+                now = time.monotonic()
+                keep = [r for r in claims if now - r.received <= CLAIM_PATIENCE_S]
+                self._failed([r for r in claims if now - r.received > CLAIM_PATIENCE_S], exc)
+                self.to_claim[:0] = keep
                 self.to_mark[:0] = marks
                 await asyncio.sleep(0.2)
                 self.ledger_due.set()

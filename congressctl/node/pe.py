@@ -295,7 +295,11 @@ class PolicyNode:
                 self.apply_datasource(ds)
         for policy in policies.values():
             if not stale(policy["id"]):
-                self.apply_policy(policy)
+                try:
+                    self.apply_policy(policy)
+                except PolicyError as exc:
+                    # stored by a node whose answer was lost before it could take it back (a 503 mid-write)
+                    log.error("policy %s refused by the engine: %s", policy["name"], exc)
         for pid, policy_rules in rules.items():
             for rule in [r for r in policy_rules if not stale(r["id"]) and not stale(pid)]:
                 try:

@@ -13,6 +13,12 @@ Keys (prefix congress:<cluster>:):
                 every notice published before a given moment (PolicyNode.catch_up)
   epoch         counter: every DSD start takes the next
   executed:<action id>   "run:<epoch>" while that DSD's POST is unanswered, then "done"; with a TTL
+
+With `sync_replicas` > 0 every write (each script above, the epoch counter) is sent with `WAIT sync_replicas
+<ms>` on the same connection, and is acknowledged only when that many replicas have it: a write the master
+refuses (too few replicas in sync: `min-replicas-to-write`) did not happen; a write no replica confirmed in
+time raises NotReplicatedError and may or may not be kept by the next master, but is whole if it is (one
+script each).
 """
 
 from __future__ import annotations
@@ -22,8 +28,15 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError, ResponseError
 
 from congressctl.bus import Channels, command, dumps
+from congressctl.errors import NotReplicatedError
+
+# How long a write waits for its replicas: long enough for a replica on a loaded LAN, short enough that a client
+# hears of a lost replica well before its own timeout (and the bus failover takes over).
+REPLICA_WAIT_MS = 1000
 
 Row = tuple
 
@@ -157,10 +170,11 @@ class Snapshot:
 class Store:
     """Typed access to the store; every method raises BusError when Redis cannot be reached."""
 
-    def __init__(self, client: aioredis.Redis, channels: Channels, origin: str = ""):
+    def __init__(self, client: aioredis.Redis, channels: Channels, origin: str = "", *, sync_replicas: int = 0):
         self.redis = client
         self.ch = channels
         self.origin = origin   # written into change notices, so a node can skip its own
+        self.sync_replicas = sync_replicas
         k = channels.key
         self.k_policy_names = k("policy-names")
         self.k_policies = k("policies")
@@ -195,20 +209,51 @@ class Store:
     async def _call(self, coro: Any) -> Any:
         return await command(coro, "store unreachable")
 
+    async def _write(self, script: AsyncScript, keys: list, args: list) -> Any:
+        """Run a write script; with sync_replicas, acknowledged only once that many replicas have it."""
+        if not self.sync_replicas:
+            return await self._call(script(keys=keys, args=args))
+        return await self._call(self._replicated("EVALSHA", script.sha, len(keys), *keys, *args, script=script))
+
+    async def _replicated(self, *command_args: Any, script: AsyncScript | None = None) -> Any:
+        """One command and its WAIT in one round trip on one connection (WAIT counts the replicas that
+        have every write of that connection so far). A script Redis does not know yet is loaded and sent again:
+        NOSCRIPT means it did not run."""
+        for _ in range(2):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.execute_command(*command_args)
+                pipe.execute_command("WAIT", self.sync_replicas, REPLICA_WAIT_MS)
+                result, acked = await pipe.execute(raise_on_error=False)
+            if isinstance(result, NoScriptError) and script is not None:
+                await self.redis.script_load(script.script)
+                continue
+            if isinstance(result, ResponseError) and str(result).startswith("NOREPLICAS"):
+                raise NotReplicatedError(f"refused by the bus, nothing written: fewer than {self.sync_replicas} "
+                                         "replica(s) in sync")
+            if isinstance(result, Exception):
+                raise result
+            if isinstance(acked, Exception):
+                raise acked
+            if acked < self.sync_replicas:
+                raise NotReplicatedError(f"not confirmed by {self.sync_replicas} replica(s) within "
+                                         f"{REPLICA_WAIT_MS} ms (confirmed by {acked}): it may or may not have "
+                                         "been kept; read it back before retrying")
+            return result
+        raise NotReplicatedError("the bus lost its scripts twice in a row; nothing written")
+
     # -- policies -------------------------------------------------------------------------------------
     async def create_policy(self, policy: dict) -> bool:
         """False when the name is taken (nothing written)."""
         notice = open_json({"origin": self.origin, "kind": "policy", "op": "create", "policy": policy})
-        done = await self._call(self._create_named(
-            keys=[self.k_policy_names, self.k_policies, self.k_notice_seq],
-            args=[policy["name"], policy["id"], dumps(policy), self.ch.notice, notice]))
+        done = await self._write(self._create_named, [self.k_policy_names, self.k_policies, self.k_notice_seq],
+                                 [policy["name"], policy["id"], dumps(policy), self.ch.notice, notice])
         return bool(done)
 
     async def delete_policy(self, policy: dict) -> bool:
         notice = open_json({"origin": self.origin, "kind": "policy", "op": "delete", "policy": policy})
-        done = await self._call(self._delete_named(
-            keys=[self.k_policy_names, self.k_policies, self.k_notice_seq, self.k_rules(policy["id"])],
-            args=[policy["name"], policy["id"], self.ch.notice, notice]))
+        done = await self._write(
+            self._delete_named, [self.k_policy_names, self.k_policies, self.k_notice_seq, self.k_rules(policy["id"])],
+            [policy["name"], policy["id"], self.ch.notice, notice])
         return bool(done)
 
     async def policies(self) -> list[dict]:
@@ -220,9 +265,9 @@ class Store:
         body = open_json(rule)
         notice_prefix = open_json({"origin": self.origin, "kind": "rule", "op": "create", "policy": policy["name"],
                                    "policy_id": policy["id"]}) + ',"rule":'
-        n = await self._call(self._add_rule(
-            keys=[self.k_policies, self.k_rules(policy["id"]), self.k_rule_counter, self.k_notice_seq],
-            args=[policy["id"], rule["id"], body, self.ch.notice, notice_prefix]))
+        n = await self._write(
+            self._add_rule, [self.k_policies, self.k_rules(policy["id"]), self.k_rule_counter, self.k_notice_seq],
+            [policy["id"], rule["id"], body, self.ch.notice, notice_prefix])
         if n < 0:
             return None
         return {**rule, "n": n}
@@ -230,8 +275,8 @@ class Store:
     async def delete_rule(self, policy: dict, rule_id: str) -> bool:
         notice = open_json({"origin": self.origin, "kind": "rule", "op": "delete", "policy": policy["name"],
                             "policy_id": policy["id"], "rule_id": rule_id})
-        done = await self._call(self._delete_rule(keys=[self.k_rules(policy["id"]), self.k_notice_seq],
-                                                  args=[rule_id, self.ch.notice, notice]))
+        done = await self._write(self._delete_rule, [self.k_rules(policy["id"]), self.k_notice_seq],
+                                 [rule_id, self.ch.notice, notice])
         return bool(done)
 
     async def rules(self, policy_id: str) -> list[dict]:
@@ -241,9 +286,8 @@ class Store:
     # -- datasources ----------------------------------------------------------------------------------
     async def create_datasource(self, ds: dict) -> bool:
         notice = open_json({"origin": self.origin, "kind": "datasource", "op": "create", "datasource": ds})
-        done = await self._call(self._create_named(
-            keys=[self.k_ds_names, self.k_datasources, self.k_notice_seq],
-            args=[ds["name"], ds["id"], dumps(ds), self.ch.notice, notice]))
+        done = await self._write(self._create_named, [self.k_ds_names, self.k_datasources, self.k_notice_seq],
+                                 [ds["name"], ds["id"], dumps(ds), self.ch.notice, notice])
         return bool(done)
 
     async def delete_datasource(self, ds: dict) -> bool:
@@ -252,9 +296,8 @@ class Store:
         for table in ds["config"].get("tables", {}):
             extra += [self.k_pushed(ds["id"], table), self.k_pushver(ds["id"], table), self.k_snap(ds["id"], table),
                       self.k_snapmeta(ds["id"], table)]
-        done = await self._call(self._delete_named(
-            keys=[self.k_ds_names, self.k_datasources, self.k_notice_seq, *extra],
-            args=[ds["name"], ds["id"], self.ch.notice, notice]))
+        done = await self._write(self._delete_named, [self.k_ds_names, self.k_datasources, self.k_notice_seq, *extra],
+                                 [ds["name"], ds["id"], self.ch.notice, notice])
         return bool(done)
 
     async def datasources(self) -> list[dict]:
@@ -270,9 +313,9 @@ class Store:
         """Keep the rows pushed through the API and tell the DSD (the notice carries them and their version);
         False when the datasource is gone."""
         prefix = open_json({"ds_id": ds["id"], "table": table}) + ","
-        done = await self._call(self._push(
-            keys=[self.k_pushed(ds["id"], table), self.k_datasources, self.k_pushver(ds["id"], table)],
-            args=[ds["id"], dumps(rows), self.ch.push, prefix]))
+        done = await self._write(
+            self._push, [self.k_pushed(ds["id"], table), self.k_datasources, self.k_pushver(ds["id"], table)],
+            [ds["id"], dumps(rows), self.ch.push, prefix])
         return bool(done)
 
     async def pushed_rows(self, ds_id: str, table: str) -> tuple[int, list[Row]]:
@@ -288,10 +331,10 @@ class Store:
                             added: list[str], deleted: list[str], full: bool, publish: bool = True) -> bool:
         """Atomically update the snapshot and (epoch, seq) and publish the diff. False: a newer epoch owns it."""
         prefix = open_json({"ds_id": ds_id, "ds": ds_name, "table": table, "epoch": epoch, "seq": seq}) + ","
-        done = await self._call(self._publish_table(
-            keys=[self.k_snap(ds_id, table), self.k_snapmeta(ds_id, table)],
-            args=[epoch, seq, len(added), len(deleted), self.ch.diff, prefix, int(publish), int(full),
-                  *added, *deleted]))
+        done = await self._write(
+            self._publish_table, [self.k_snap(ds_id, table), self.k_snapmeta(ds_id, table)],
+            [epoch, seq, len(added), len(deleted), self.ch.diff, prefix, int(publish), int(full),
+             *added, *deleted])
         return done == 1
 
     async def snapshot(self, ds_id: str, table: str) -> Snapshot:
@@ -311,6 +354,8 @@ class Store:
 
     # -- DSD bookkeeping ------------------------------------------------------------------------------
     async def next_epoch(self) -> int:
+        if self.sync_replicas:
+            return int(await self._call(self._replicated("INCR", self.k_epoch)))
         return int(await self._call(self.redis.incr(self.k_epoch)))
 
     async def notice_seq(self) -> int:
@@ -328,5 +373,5 @@ class Store:
         and epoch, and again by a newer epoch while no DSD has seen its POST answered. None when a newer epoch
         exists (this DSD is stale). One round trip."""
         keys = [self.k_epoch, *map(self.k_executed, claim), *map(self.k_executed, answered)]
-        done = await self._call(self._settle(keys=keys, args=[epoch, ttl_s, len(claim)]))
+        done = await self._write(self._settle, keys, [epoch, ttl_s, len(claim)])
         return None if done == -1 else [bool(d) for d in done]
