@@ -85,6 +85,14 @@ class HostKeyError(RemoteError):
     exit_code = 2
 
 
+class NoHostAnswered(RemoteError):
+    """Every host tried in turn failed (remote.first_reachable); `failures` says how, one "NAME: error" each."""
+
+    def __init__(self, failures: list[str], **kw):
+        self.failures = failures
+        super().__init__("no host answered: " + ("; ".join(failures) or "no host to try"), **kw)
+
+
 class DeployError(CongressctlError):
     """A deploy step failed on one or more hosts."""
 
