@@ -150,7 +150,7 @@ class StatusReport:
 
 
 @dataclass
-class Probe:
+class HostProbe:
     """One probe's exit status and output, as `probe_command` printed them."""
 
     rc: int
@@ -255,24 +255,24 @@ def probe_command(token: str, api_url: str | None, budget: float) -> str:
     return "sh -c " + shlex.quote("\n".join(lines))
 
 
-def parse_probes(stdout: str, token: str) -> dict[str, Probe]:
+def parse_probes(stdout: str, token: str) -> dict[str, HostProbe]:
     """The sections `probe_command` printed, by probe name."""
     marker = re.compile(rf"\n@@{re.escape(token)} (\S+) (?:rc=(-?\d*)|(stderr))\n")
     parts = marker.split("\n" + stdout)
-    probes: dict[str, Probe] = {}
+    probes: dict[str, HostProbe] = {}
     for i in range(1, len(parts) - 3, 4):
         name, rc, stderr, text = parts[i:i + 4]
         if stderr and name in probes:
             probes[name].err = text
         elif not stderr:
-            probes[name] = Probe(rc=int(rc) if rc else -1, out=text, err="")
+            probes[name] = HostProbe(rc=int(rc) if rc else -1, out=text, err="")
     return probes
 
 
 # ---------------------------------------------------------------------------------------------- probes
 
 
-def _read_crm_mon(sample: HostSample, probe: Probe | None) -> None:
+def _read_crm_mon(sample: HostSample, probe: HostProbe | None) -> None:
     host = sample.host
     if probe is None:
         host.pacemaker_error = "crm_mon printed nothing"
@@ -292,7 +292,7 @@ def _read_crm_mon(sample: HostSample, probe: Probe | None) -> None:
     host.dc = view.dc
 
 
-def _read_haproxy(host: HostStatus, probe: Probe | None) -> None:
+def _read_haproxy(host: HostStatus, probe: HostProbe | None) -> None:
     if probe is None or probe.rc == _NO_SOCKET:
         return
     if probe.rc != 0:
@@ -313,7 +313,7 @@ def parse_haproxy_stat(text: str) -> list[Backend]:
             for r in rows if r.get("svname") not in (None, "FRONTEND", "BACKEND")]
 
 
-def _read_api(sample: HostSample, probe: Probe | None) -> None:
+def _read_api(sample: HostSample, probe: HostProbe | None) -> None:
     host = sample.host
     if probe is None:
         host.api_error = "curl printed nothing"
