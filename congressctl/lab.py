@@ -42,6 +42,7 @@ import jinja2
 import yaml
 
 from congressctl.errors import LabError
+from congressctl.files import atomic_write
 
 REGISTRY_DIR = Path("/run/congressctl-lab")
 NETNS_DIR = Path("/run/netns")
@@ -706,13 +707,7 @@ def _env_for_exec(stream: bool) -> dict[str, str]:
 
 
 def _write(path: Path, text: str, mode: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
+    atomic_write(path, text.encode(), mode)
 
 
 def _render(template: str, **context: object) -> str:

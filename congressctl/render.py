@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import importlib.resources
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import jinja2
 
+from congressctl.files import atomic_write
 from congressctl.inventory import Inventory, Node
 
 CIB_PATH = "/etc/congressctl/cib.xml"
@@ -136,17 +136,3 @@ def write_tree(rendered: dict[str, list[RenderedFile]], cib: bytes, out: Path) -
             written.append(atomic_write(out / node / f.name, f.content, f.mode))
     return written
 
-
-def atomic_write(path: Path, data: bytes, mode: int) -> Path:
-    """Write a local file via a temp file in the same folder and a rename; the mode is set before any byte."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
