@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import functools
-import importlib.resources
 import json
 import os
 import re
@@ -38,11 +36,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-import jinja2
 import yaml
 
 from congressctl.errors import LabError
 from congressctl.files import atomic_write
+from congressctl.render import render_template
 
 REGISTRY_DIR = Path("/run/congressctl-lab")
 NETNS_DIR = Path("/run/netns")
@@ -276,10 +274,10 @@ def _prepare_host(lab: Lab, h: LabHost, client_pub: str, run_seed: Path) -> str:
     _hide_machine_host_keys(ssh)
     authorized = "/etc/ssh/lab_authorized_keys"
     _write(ssh / "lab_authorized_keys", client_pub, 0o600)
-    _write(ssh / "sshd_config", _render("lab-sshd_config.j2", host=h.name, address=h.address, port=SSH_PORT,
-                                        authorized_keys=authorized), 0o644)
-    _write(root / "setup.sh", _render("lab-host-setup.sh.j2", host=h.name, overlays=overlays, home=str(home),
-                                      run_seed=str(run_seed)), 0o700)
+    _write(ssh / "sshd_config", render_template("lab-sshd_config.j2", host=h.name, address=h.address,
+                                                port=SSH_PORT, authorized_keys=authorized), 0o644)
+    _write(root / "setup.sh", render_template("lab-host-setup.sh.j2", host=h.name, overlays=overlays,
+                                              home=str(home), run_seed=str(run_seed)), 0o700)
     algo, key = (ssh / "ssh_host_ed25519_key.pub").read_text().split()[:2]
     return f"{algo} {key}"
 
@@ -708,20 +706,6 @@ def _env_for_exec(stream: bool) -> dict[str, str]:
 
 def _write(path: Path, text: str, mode: int) -> None:
     atomic_write(path, text.encode(), mode)
-
-
-def _render(template: str, **context: object) -> str:
-    return _templates().get_template(template).render(**context)
-
-
-@functools.lru_cache(maxsize=1)
-def _templates() -> jinja2.Environment:
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(importlib.resources.files("congressctl") / "templates")),
-        undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False,
-        trim_blocks=True, lstrip_blocks=True)
-    env.filters["sh"] = shlex.quote
-    return env
 
 
 @contextlib.contextmanager

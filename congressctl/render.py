@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.resources
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,13 +48,15 @@ def templates_dir() -> Path:
 
 
 def _environment(autoescape: bool) -> jinja2.Environment:
-    return jinja2.Environment(
+    env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(templates_dir())),
         undefined=jinja2.StrictUndefined,
         autoescape=autoescape,
         keep_trailing_newline=True,
         trim_blocks=False,
     )
+    env.filters["sh"] = shlex.quote   # paths in generated shell scripts (the lab host's setup.sh)
+    return env
 
 
 _TEXT = _environment(autoescape=False)
@@ -135,4 +138,3 @@ def write_tree(rendered: dict[str, list[RenderedFile]], cib: bytes, out: Path) -
                 continue
             written.append(atomic_write(out / node / f.name, f.content, f.mode))
     return written
-
