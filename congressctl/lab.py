@@ -40,13 +40,13 @@ import yaml
 
 from congressctl.errors import LabError
 from congressctl.files import atomic_write
+from congressctl.inventory import FIRST_HOST_OCTET, generate
 from congressctl.render import render_template
 
 REGISTRY_DIR = Path("/run/congressctl-lab")
 NETNS_DIR = Path("/run/netns")
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,10}$")   # "clb-<name>" must fit Linux's 15-character interface names
 MIN_NODES, MAX_NODES = 2, 12
-FIRST_HOST_OCTET = 11
 VIP_OCTET = 100
 SSH_PORT = 22
 OVERLAID = ("/etc", "/var", "/usr", "/opt")
@@ -418,24 +418,10 @@ def corosync_realtime(hosts: int, cores: int | None = None) -> bool:
 
 def _inventory(lab: Lab) -> dict:
     """n1 carries the one bus; the DSD prefers the other hosts, so losing one host never takes both."""
-    dsd = [h.name for h in lab.hosts[1:3]] + [lab.hosts[0].name]
-    nodes = []
-    for i, h in enumerate(lab.hosts):
-        roles = ["api-pe"] + (["dsd"] if h.name in dsd else []) + (["bus"] if i == 0 else [])
-        nodes.append({"name": h.name, "address": h.address, "roles": roles})
-    return {
-        "cluster": lab.name,
-        "nodes": nodes,
-        "vip": {"address": lab.vip, "cidr": 24, "interface": "eth0"},
-        "api": {"port": 1789},
-        "bus": {"port": 6379},
-        "timings": {"heartbeat_interval_ms": 200, "peer_timeout_ms": 1000, "corosync_token_ms": 1000,
-                    "corosync_consensus_ms": 1200},
-        "corosync": {"sched_rr": corosync_realtime(len(lab.hosts))},
-        "pacemaker": {"fencing": "disabled", "no_quorum_policy": "stop", "resource_stickiness": 100},
-        "dsd": {"preference": dsd},
-        "ssh": {"user": "root", "port": SSH_PORT, "key": lab.key.name, "known_hosts": lab.known_hosts.name},
-    }
+    names = [h.name for h in lab.hosts]
+    return generate(len(lab.hosts), cluster=lab.name, subnet=lab.subnet.rsplit(".", 1)[0], vip=lab.vip,
+                    dsd_preference=names[1:3] + names[:1], sched_rr=corosync_realtime(len(lab.hosts)),
+                    ssh={"user": "root", "port": SSH_PORT, "key": lab.key.name, "known_hosts": lab.known_hosts.name})
 
 
 # ---------------------------------------------------------------------------------------------- teardown
