@@ -19,6 +19,7 @@ import yaml
 from congressctl.errors import InventoryError, InventoryProblem
 
 ROLES = ("api-pe", "dsd", "bus")
+SERVED_ROLES = ("api-pe", "dsd")   # the roles that run a congress process (`congressctl serve ROLE`)
 CLUSTER_NAME = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
 NODE_NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 INTERFACE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")

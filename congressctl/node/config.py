@@ -11,8 +11,7 @@ from typing import Any
 import yaml
 
 from congressctl.errors import NodeConfigError
-
-ROLES = ("api-pe", "dsd", "bus")
+from congressctl.inventory import ROLES
 
 
 @dataclass
