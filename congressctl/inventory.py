@@ -59,7 +59,7 @@ class Vip:
 
 
 @dataclass(frozen=True)
-class Bus:
+class BusSettings:
     port: int = 6379
     password_file: str | None = None
     password_env: str | None = None
@@ -106,7 +106,7 @@ class Inventory:
     nodes: list[Node]
     vip: Vip
     api_port: int
-    bus: Bus
+    bus: BusSettings
     timings: Timings
     pacemaker: Pacemaker
     corosync: Corosync
@@ -451,9 +451,9 @@ def _read_vip(m: _Map | None) -> Vip:
     return Vip(address=address or "", cidr=cidr or 24, interface=interface or "eth0")
 
 
-def _read_bus(m: _Map | None) -> Bus:
+def _read_bus(m: _Map | None) -> BusSettings:
     if m is None:
-        return Bus()
+        return BusSettings()
     port = m.get("port", int, 6379, _port)
     password_file = m.get("password_file", str, None, _safe_text)
     password_env = m.get("password_env", str, None, _matches(ENV_VAR, "environment variable name"))
@@ -467,7 +467,8 @@ def _read_bus(m: _Map | None) -> Bus:
     vip = m.get("vip", str, None, _ipv4)
     tls = m.get("tls", bool, False)
     m.finish(("port", "password_file", "password_env", "vip", "tls", "password"))
-    return Bus(port=port or 6379, password_file=password_file, password_env=password_env, vip=vip, tls=bool(tls))
+    return BusSettings(port=port or 6379, password_file=password_file, password_env=password_env, vip=vip,
+                       tls=bool(tls))
 
 
 def _read_corosync(m: _Map | None) -> Corosync:
