@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from congressctl.errors import CongressctlError
+from congressctl.inventory import SERVED_ROLES
 
 PIPE_WIDTH = 200
 
@@ -139,7 +140,7 @@ def render_cmd(inventory_path: Path, out_dir: Path, output: str) -> None:
 
 
 @main.command()
-@click.argument("role", type=click.Choice(["api-pe", "dsd"]))
+@click.argument("role", type=click.Choice(SERVED_ROLES))
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
               help="The node config that `congressctl render` wrote (congress.yaml).")
 def serve(role: str, config_path: str) -> None:

@@ -33,8 +33,9 @@ from packaging.utils import canonicalize_name
 import congressctl
 from congressctl import pacemaker, remote
 from congressctl.errors import CongressctlError, DeployError, NoHostAnswered
+from congressctl.files import atomic_write
 from congressctl.inventory import Inventory, Node
-from congressctl.render import CIB_PATH, SBIN_DIR, RenderedFile, Secrets, atomic_write, render_all
+from congressctl.render import CIB_PATH, SBIN_DIR, RenderedFile, Secrets, render_all
 
 VENV = "/opt/congressctl"
 WHEELS = f"{VENV}/wheels"

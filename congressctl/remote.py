@@ -25,16 +25,17 @@ import shlex
 import secrets
 import socket
 import stat
-import tempfile
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import paramiko
 
 from congressctl.errors import CongressctlError, HostKeyError, NoHostAnswered, RemoteError
+from congressctl.files import atomic_write
 from congressctl.inventory import Inventory, Node
 
 DEFAULT_USER = "root"
@@ -194,18 +195,7 @@ def _append_known_host(path: str, name: str, key: paramiko.PKey, hashed: bool) -
     if old and not old.endswith(b"\n"):
         old += b"\n"
     entry = f"{_hash_name(name) if hashed else name} {key.get_name()} {key.get_base64()}\n"
-    fd, tmp = tempfile.mkstemp(prefix=".known_hosts.", dir=directory)
-    try:
-        os.fchmod(fd, old_mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(old + entry.encode())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, real)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(Path(real), old + entry.encode(), old_mode)
 
 
 class _HostKeyPolicy(paramiko.MissingHostKeyPolicy):
