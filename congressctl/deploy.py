@@ -33,7 +33,7 @@ from packaging.utils import canonicalize_name
 
 import congressctl
 from congressctl import remote, verify
-from congressctl.errors import CongressctlError, DeployError
+from congressctl.errors import CongressctlError, DeployError, ToolTimeoutError
 from congressctl.inventory import Inventory, Node
 from congressctl.render import CIB_PATH, SBIN_DIR, RenderedFile, Secrets, atomic_write, render_all
 
@@ -167,7 +167,7 @@ def build_wheelhouse(state_dir: Path, python_version: str, timeout: float = 600)
         for requirement in ["pip", *_missing_for(folder, python_version)]:
             _pip(["download", "--quiet", "--no-deps", "--only-binary=:all:", "--python-version", python_version,
                   "-d", str(folder), requirement], timeout)
-        (folder / ".complete").write_text(digest)
+        atomic_write(folder / ".complete", digest.encode(), 0o644)   # its presence alone says "complete"
     return Wheelhouse(digest=digest, wheels=sorted(folder.glob("*.whl")))
 
 
@@ -183,7 +183,11 @@ def _source_copy(root: Path, into: Path) -> Path:
 
 
 def _pip(args: list[str], timeout: float) -> None:
-    proc = subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True, timeout=timeout)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise ToolTimeoutError(f"building the wheelhouse: `pip {args[0]}` did not finish within {timeout:g} s "
+                               "(killed)") from None
     if proc.returncode != 0:
         raise DeployError(f"building the wheelhouse failed (pip {args[0]}): {proc.stderr.strip()[-1500:]}",
                           step="wheel")
