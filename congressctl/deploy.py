@@ -247,11 +247,11 @@ class _Steps:
 # ---------------------------------------------------------------------------------------------- deploy
 
 
-def deploy(inv: Inventory, *, accept_new_host_keys: bool = False, dry_run: bool = False,
+def deploy(inv: Inventory, *, accept_new: bool = False, dry_run: bool = False,
            wait_timeout: float = 240.0, progress: Progress | None = None, max_workers: int = 8) -> DeployResult:
     started = time.monotonic()
     if dry_run:
-        return _dry_run(inv, accept_new_host_keys, progress, max_workers, started)
+        return _dry_run(inv, accept_new, progress, max_workers, started)
     secrets = load_or_create_secrets(inv)
     rendered = render_all(inv, secrets)
     wheelhouses = _Wheelhouses(inv.state_dir)
@@ -260,7 +260,7 @@ def deploy(inv: Inventory, *, accept_new_host_keys: bool = False, dry_run: bool 
 
     def push(host: remote.Host) -> None:
         _push_host(inv, nodes[host.name], rendered[host.name], wheelhouses, reports[host.name],
-                   accept_new_host_keys, progress)
+                   accept_new, progress)
 
     hosts = [host_of(inv, n) for n in inv.nodes]
     _collect(remote.run_on_hosts(hosts, push, max_workers=max_workers, timeout=900), reports)

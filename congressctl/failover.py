@@ -18,7 +18,7 @@ import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import httpx
 
@@ -40,6 +40,14 @@ DESCRIPTIONS = {
     "vip-node-fail": "cut the host holding the VIP off the network, restore it afterwards",
 }
 SCENARIOS = tuple(DESCRIPTIONS)
+
+
+def scenarios_named(names: Sequence[str]) -> list[str]:
+    """The scenarios to run, in the order named (every one when none is); an unknown name is refused."""
+    unknown = [n for n in names if n not in DESCRIPTIONS]
+    if unknown:
+        raise FailoverError(f"unknown scenario {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
+    return list(names) or list(SCENARIOS)
 
 
 @dataclass
@@ -856,11 +864,9 @@ def timings_summary(t: dict) -> str:
 def run(inv: Inventory, scenarios: list[str], *, options: Options | None = None,
         thresholds: Thresholds | None = None, report_dir: Path | None = None,
         log: Log = lambda _: None) -> FailoverReport:
-    """Run each scenario in turn; the cluster is restored and healthy again before the next one starts."""
+    """Run each scenario (names as `scenarios_named` returns them) in turn; the cluster is restored and healthy
+    again before the next one starts."""
     options, thresholds = options or Options(), thresholds or Thresholds()
-    unknown = [s for s in scenarios if s not in DESCRIPTIONS]
-    if unknown:
-        raise FailoverError(f"unknown scenario {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
     started = time.monotonic()
     cluster = Cluster(inv, options, log)
     sink_address = options.sink_address or local_address_towards(inv.nodes[0].address)
