@@ -513,10 +513,6 @@ class Fault:
     new_dsd: bool = False     # recovery counts only actions run by another DSD instance than before the fault
 
 
-def _leader_node(cluster: Cluster) -> Node:
-    return cluster.inv.node(cluster.dsd_view()["leader"]["node"])
-
-
 def _node_limit(cluster: "Cluster", thresholds: Thresholds) -> float:
     token, consensus = cluster.totem()
     return (token + consensus) / 1000 + thresholds.node_slack_s
