@@ -32,7 +32,7 @@ from packaging.utils import canonicalize_name
 
 import congressctl
 from congressctl import pacemaker, remote
-from congressctl.errors import CongressctlError, DeployError, NoHostAnswered
+from congressctl.errors import CongressctlError, DeployError, NoHostAnswered, ToolTimeoutError
 from congressctl.files import atomic_write
 from congressctl.inventory import Inventory, Node
 from congressctl.render import CIB_PATH, SBIN_DIR, RenderedFile, Secrets, render_all
@@ -167,7 +167,7 @@ def build_wheelhouse(state_dir: Path, python_version: str, timeout: float = 600)
         for requirement in ["pip", *_missing_for(folder, python_version)]:
             _pip(["download", "--quiet", "--no-deps", "--only-binary=:all:", "--python-version", python_version,
                   "-d", str(folder), requirement], timeout)
-        (folder / ".complete").write_text(digest)
+        atomic_write(folder / ".complete", digest.encode(), 0o644)   # its presence alone says "complete"
     return Wheelhouse(digest=digest, wheels=sorted(folder.glob("*.whl")))
 
 
@@ -183,7 +183,11 @@ def _source_copy(root: Path, into: Path) -> Path:
 
 
 def _pip(args: list[str], timeout: float) -> None:
-    proc = subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True, timeout=timeout)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise ToolTimeoutError(f"building the wheelhouse: `pip {args[0]}` did not finish within {timeout:g} s "
+                               "(killed)") from None
     if proc.returncode != 0:
         raise DeployError(f"building the wheelhouse failed (pip {args[0]}): {proc.stderr.strip()[-1500:]}",
                           step="wheel")
@@ -229,11 +233,11 @@ class _Steps:
 # ---------------------------------------------------------------------------------------------- deploy
 
 
-def deploy(inv: Inventory, *, accept_new_host_keys: bool = False, dry_run: bool = False,
+def deploy(inv: Inventory, *, accept_new: bool = False, dry_run: bool = False,
            wait_timeout: float = 240.0, progress: Progress | None = None, max_workers: int = 8) -> DeployResult:
     started = time.monotonic()
     if dry_run:
-        return _dry_run(inv, accept_new_host_keys, progress, max_workers, started)
+        return _dry_run(inv, accept_new, progress, max_workers, started)
     secrets = load_or_create_secrets(inv)
     rendered = render_all(inv, secrets)
     wheelhouses = _Wheelhouses(inv.state_dir)
@@ -242,7 +246,7 @@ def deploy(inv: Inventory, *, accept_new_host_keys: bool = False, dry_run: bool 
 
     def push(host: remote.Host) -> None:
         _push_host(inv, nodes[host.name], rendered[host.name], wheelhouses, reports[host.name],
-                   accept_new_host_keys, progress)
+                   accept_new, progress)
 
     hosts = [remote.host_of(inv, n) for n in inv.nodes]
     _collect(remote.run_on_hosts(hosts, push, max_workers=max_workers, timeout=900), reports)

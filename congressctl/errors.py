@@ -63,14 +63,26 @@ class InventoryProblem(CongressctlError):
     exit_code = 2
 
 
-class ToolCheckError(CongressctlError):
-    """A rendered file was refused by its own tool (corosync -t, haproxy -c, crm_verify, crm_simulate)."""
+class UnknownNodeError(CongressctlError):
+    """A node name that the inventory does not have."""
 
-    exit_code = 1
+    exit_code = 2
 
 
 class ToolMissingError(CongressctlError):
     """A validator tool that a check needs is not installed."""
+
+    exit_code = 2
+
+
+class ToolFailedError(CongressctlError):
+    """A tool that a check or a build runs failed on its own (not a rendered file refused): nothing was checked."""
+
+    exit_code = 2
+
+
+class ToolTimeoutError(CongressctlError):
+    """A tool that a check or a build runs did not finish within its time and was killed."""
 
     exit_code = 2
 

@@ -17,7 +17,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import httpx
 
@@ -39,6 +39,14 @@ DESCRIPTIONS = {
     "vip-node-fail": "cut the host holding the VIP off the network, restore it afterwards",
 }
 SCENARIOS = tuple(DESCRIPTIONS)
+
+
+def scenarios_named(names: Sequence[str]) -> list[str]:
+    """The scenarios to run, in the order named (every one when none is); an unknown name is refused."""
+    unknown = [n for n in names if n not in DESCRIPTIONS]
+    if unknown:
+        raise FailoverError(f"unknown scenario {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
+    return list(names) or list(SCENARIOS)
 
 
 @dataclass
@@ -506,10 +514,6 @@ class Fault:
     new_dsd: bool = False     # recovery counts only actions run by another DSD instance than before the fault
 
 
-def _leader_node(cluster: Cluster) -> Node:
-    return cluster.inv.node(cluster.dsd_view()["leader"]["node"])
-
-
 def _node_limit(cluster: "Cluster", thresholds: Thresholds) -> float:
     token, consensus = cluster.totem()
     return (token + consensus) / 1000 + thresholds.node_slack_s
@@ -857,11 +861,9 @@ def timings_summary(t: dict) -> str:
 def run(inv: Inventory, scenarios: list[str], *, options: Options | None = None,
         thresholds: Thresholds | None = None, report_dir: Path | None = None,
         log: Log = lambda _: None) -> FailoverReport:
-    """Run each scenario in turn; the cluster is restored and healthy again before the next one starts."""
+    """Run each scenario (names as `scenarios_named` returns them) in turn; the cluster is restored and healthy
+    again before the next one starts."""
     options, thresholds = options or Options(), thresholds or Thresholds()
-    unknown = [s for s in scenarios if s not in DESCRIPTIONS]
-    if unknown:
-        raise FailoverError(f"unknown scenario {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
     started = time.monotonic()
     cluster = Cluster(inv, options, log)
     sink_address = options.sink_address or local_address_towards(inv.nodes[0].address)

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import yaml
 
-from congressctl.errors import InventoryError, InventoryProblem
+from congressctl.errors import InventoryError, InventoryProblem, UnknownNodeError
 
 ROLES = ("api-pe", "dsd", "bus")
 SERVED_ROLES = ("api-pe", "dsd")   # the roles that run a congress process (`congressctl serve ROLE`)
@@ -116,7 +116,11 @@ class Inventory:
     warnings: list[str] = field(default_factory=list)
 
     def node(self, name: str) -> Node:
-        return next(n for n in self.nodes if n.name == name)
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        raise UnknownNodeError(f"no node named {name!r}; the inventory has {', '.join(n.name for n in self.nodes)}",
+                               file=str(self.path))
 
     def with_role(self, role: str) -> list[Node]:
         return [n for n in self.nodes if n.has(role)]

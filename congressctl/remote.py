@@ -83,10 +83,6 @@ class GroupResult:
     outcomes: dict[str, HostOutcome] = field(default_factory=dict)
 
     @property
-    def succeeded(self) -> dict[str, HostOutcome]:
-        return {name: o for name, o in self.outcomes.items() if o.ok}
-
-    @property
     def failed(self) -> dict[str, HostOutcome]:
         return {name: o for name, o in self.outcomes.items() if not o.ok}
 

@@ -6,6 +6,7 @@ Each check returns a CheckResult (tool, target, ok, detail); callers decide what
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -13,12 +14,13 @@ from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
 
-from congressctl.errors import ToolMissingError
+from congressctl.errors import ToolFailedError, ToolMissingError, ToolTimeoutError
 from congressctl.inventory import Inventory
 from congressctl.pacemaker import Placement, node_list, parse_crm_mon, placement_problems
 from congressctl.render import RenderedFile
 
 TOOL_TIMEOUT_S = 60
+CLEANUP_TIMEOUT_S = 10   # its own bound: a check that ran out of time must still remove its namespace
 TOOLS = ("corosync", "haproxy", "crm_verify", "crm_simulate", "crm_mon", "ip", "unshare")
 _netns_serial = count()
 
@@ -45,11 +47,19 @@ def require_tools() -> None:
                                "node's address); run as root or pass --no-tools")
 
 
-def _run(argv: list[str], **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, capture_output=True, text=True, timeout=TOOL_TIMEOUT_S, **kw)
+def _run(argv: list[str], *, check: bool = False, timeout: float | None = None,
+         env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run a tool; running out of time, or failing when `check`, is a named error naming the command."""
+    timeout = TOOL_TIMEOUT_S if timeout is None else timeout
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=check, env=env)
+    except subprocess.TimeoutExpired:
+        raise ToolTimeoutError(f"`{shlex.join(argv)}` did not finish within {timeout:g} s (killed)") from None
+    except subprocess.CalledProcessError as exc:
+        raise ToolFailedError(f"`{shlex.join(argv)}` failed (exit {exc.returncode}): {_tail(exc, 1)}") from None
 
 
-def _tail(proc: subprocess.CompletedProcess, lines: int = 6) -> str:
+def _tail(proc: subprocess.CompletedProcess | subprocess.CalledProcessError, lines: int = 6) -> str:
     text = (proc.stderr or "") + (proc.stdout or "")
     kept = [ln for ln in text.strip().splitlines() if "Partial" not in ln]
     return "\n".join(kept[-lines:])
@@ -73,7 +83,7 @@ def check_corosync(conf: bytes, address: str, node: str) -> CheckResult:
             proc = _run(["ip", "netns", "exec", netns, "unshare", "--mount", "--propagation", "private",
                          "sh", "-c", script])
         finally:
-            _run(["ip", "netns", "del", netns])
+            _run(["ip", "netns", "del", netns], timeout=CLEANUP_TIMEOUT_S)
     return CheckResult("corosync -t", f"{node}/corosync.conf", proc.returncode == 0,
                        "" if proc.returncode == 0 else f"exit {proc.returncode}: {_tail(proc)}")
 

@@ -304,7 +304,7 @@ def test_run_on_hosts_collects_every_outcome(sshd, no_ssh_config):
     hosts = [_host(sshd, "good"), _host(sshd, "down", port=free_port()), _host(sshd, "broken")]
     result = run_on_hosts(hosts, work, max_workers=2, timeout=120)
     assert list(result.outcomes) == ["good", "down", "broken"]
-    assert list(result.succeeded) == ["good"] and result.succeeded["good"].value == "ok"
+    assert result.outcomes["good"].ok and result.outcomes["good"].value == "ok"
     assert list(result.failed) == ["down", "broken"]
     assert "refused" in result.failed["down"].error and "down" in result.failed["down"].error
     assert (result.failed["broken"].error, result.failed["broken"].step) == ("template exploded", "render")
@@ -322,7 +322,7 @@ def test_run_on_hosts_reports_a_host_still_running_at_timeout():
         result = run_on_hosts([Host("quick", "192.0.2.1"), Host("stuck", "192.0.2.2")], work, timeout=1.0)
     finally:
         release.set()
-    assert result.succeeded["quick"].value == "quick"
+    assert result.outcomes["quick"].ok and result.outcomes["quick"].value == "quick"
     assert list(result.failed) == ["stuck"] and "timed out" in result.failed["stuck"].error
 
 
