@@ -169,11 +169,6 @@ class Bus:
         data = payload if isinstance(payload, str) else dumps(payload)
         await command(self.redis.publish(channel, data), f"publish to {channel} failed")
 
-    def alive_peers(self, role: str | None = None, now: float | None = None) -> list[Peer]:
-        now = now if now is not None else time.monotonic()
-        return [p for p in self.peers.values()
-                if (role is None or p.role == role) and p.age(now) <= self.peer_timeout_s]
-
     def _note_heartbeat(self, data: dict, now: float) -> Peer | None:
         node, role, inc = data.get("node"), data.get("role"), data.get("inc")
         if not (isinstance(node, str) and isinstance(role, str) and isinstance(inc, str)):

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from congressctl.errors import CongressctlError
+from congressctl.inventory import SERVED_ROLES
 
 PIPE_WIDTH = 200
 
@@ -25,10 +26,14 @@ inventory_option = click.option("-i", "--inventory", "inventory_path", required=
                                 type=click.Path(dir_okay=False, path_type=Path), help="The inventory YAML file.")
 output_option = click.option("--output", "output", type=click.Choice(["table", "json"]), default="table",
                              show_default=True, help="How to print the result rows.")
+accept_new_option = click.option("--accept-new-host-keys", "accept_new", is_flag=True,
+                                 help="Like OpenSSH's accept-new: record unknown host keys; changed keys are still "
+                                      "refused.")
 
 
 class Program(click.Group):
-    """Turns the library's named errors into one message on stderr and an exit code (traceback with --debug)."""
+    """Turns the library's named errors into one message on stderr and an exit code (traceback with --debug),
+    and Ctrl-C into one line and exit status 130."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -39,6 +44,17 @@ class Program(click.Group):
             for line in str(exc).splitlines():
                 err.print(f"[bold red]error:[/] {line}", highlight=False, markup=True, soft_wrap=True)
             sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            _interrupted()
+        except click.Abort as exc:
+            if not isinstance(exc.__context__, KeyboardInterrupt):   # a prompt turns Ctrl-C into Abort
+                raise
+            _interrupted()
+
+
+def _interrupted() -> None:
+    err.print("interrupted", highlight=False)
+    sys.exit(130)
 
 
 def emit(rows: list[dict], output: str, title: str | None = None, columns: list[str] | None = None) -> None:
@@ -139,7 +155,7 @@ def render_cmd(inventory_path: Path, out_dir: Path, output: str) -> None:
 
 
 @main.command()
-@click.argument("role", type=click.Choice(["api-pe", "dsd"]))
+@click.argument("role", type=click.Choice(SERVED_ROLES))
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
               help="The node config that `congressctl render` wrote (congress.yaml).")
 def serve(role: str, config_path: str) -> None:
@@ -181,13 +197,11 @@ class HostProgress:
 @main.command(name="deploy")
 @inventory_option
 @click.option("--dry-run", is_flag=True, help="Show a unified diff per host of what would change; touch nothing.")
-@click.option("--accept-new-host-keys", is_flag=True,
-              help="Like OpenSSH's accept-new: record unknown host keys; changed keys are still refused.")
+@accept_new_option
 @click.option("--timeout", "wait_timeout", type=float, default=240, show_default=True,
               help="Seconds to wait for Pacemaker to start every resource.")
 @output_option
-def deploy_cmd(inventory_path: Path, dry_run: bool, accept_new_host_keys: bool, wait_timeout: float,
-               output: str) -> None:
+def deploy_cmd(inventory_path: Path, dry_run: bool, accept_new: bool, wait_timeout: float, output: str) -> None:
     """Install congressctl, push every rendered file and start the cluster on every host, over SSH.
 
     Idempotent: a second run with the same inventory changes no file and restarts nothing. A host that
@@ -206,7 +220,7 @@ def deploy_cmd(inventory_path: Path, dry_run: bool, accept_new_host_keys: bool, 
     inv = inventory.load_inventory(inventory_path)
     warn_all(inv.warnings)
     with HostProgress([n.name for n in inv.nodes]) as progress:
-        result = deploy.deploy(inv, accept_new_host_keys=accept_new_host_keys, dry_run=dry_run,
+        result = deploy.deploy(inv, accept_new=accept_new, dry_run=dry_run,
                                wait_timeout=wait_timeout, progress=progress)
     if output == "json":
         click.echo(json.dumps({**asdict(result), "ok": result.ok, "changed": result.changed}, indent=2, default=str))
@@ -241,10 +255,9 @@ def _deploy_summary(result) -> None:
 @inventory_option
 @click.option("--watch", type=click.FloatRange(min=0.5), is_flag=False, flag_value=2.0, default=None,
               metavar="[SECONDS]", help="Refresh every SECONDS (2 when not given) until Ctrl-C.")
-@click.option("--accept-new-host-keys", is_flag=True,
-              help="Like OpenSSH's accept-new: record unknown host keys; changed keys are still refused.")
+@accept_new_option
 @output_option
-def status_cmd(inventory_path: Path, watch: float | None, accept_new_host_keys: bool, output: str) -> None:
+def status_cmd(inventory_path: Path, watch: float | None, accept_new: bool, output: str) -> None:
     """Show the cluster's health: hosts, congress nodes, the DSD and its tables, the API through the VIP.
 
     Every host is asked at once over SSH (crm_mon, HAProxy's stats socket, the api-pe's /v1/status) while
@@ -263,9 +276,9 @@ def status_cmd(inventory_path: Path, watch: float | None, accept_new_host_keys: 
     inv = inventory.load_inventory(inventory_path)
     warn_all(inv.warnings)
     if watch is not None:
-        sys.exit(_watch_status(inv, accept_new_host_keys, output, watch))
+        sys.exit(_watch_status(inv, accept_new, output, watch))
     with err.status("gathering status ..."):
-        report = status.gather(inv, accept_new=accept_new_host_keys)
+        report = status.gather(inv, accept_new=accept_new)
     if output == "json":
         click.echo(json.dumps(report.to_dict(), indent=2, sort_keys=True))
     else:
@@ -431,13 +444,20 @@ def lab_exec(node: str, command: tuple[str, ...], name: str, lab_dir: Path | Non
     sys.exit(proc.returncode)
 
 
-if __name__ == "__main__":
-    main()
+def _scenarios(ctx: click.Context, param: click.Parameter, names: tuple[str, ...]) -> list[str]:
+    """--scenario checked while the options are parsed, so an unknown name is refused before anything happens."""
+    from congressctl import failover
+    from congressctl.errors import FailoverError
+
+    try:
+        return failover.scenarios_named(names)
+    except FailoverError as exc:
+        raise click.BadParameter(exc.message, ctx=ctx, param=param) from None
 
 
 @main.command(name="failover-test")
 @inventory_option
-@click.option("--scenario", "scenarios", multiple=True, metavar="NAME",
+@click.option("--scenario", "names", multiple=True, metavar="NAME", callback=_scenarios,
               help="A scenario to run (repeatable; default: all): pe-leader-kill, pe-leader-pause, "
                    "dsd-node-fail, api-node-fail, vip-node-fail.")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -456,12 +476,11 @@ if __name__ == "__main__":
 @click.option("--sink-address", default=None, metavar="ADDRESS",
               help="Address of this machine the hosts reach the action sink on [default: the route to the first "
                    "node].")
-@click.option("--accept-new-host-keys", is_flag=True,
-              help="Like OpenSSH's accept-new: record unknown host keys; changed keys are still refused.")
+@accept_new_option
 @output_option
-def failover_test(inventory_path: Path, scenarios: tuple[str, ...], report_dir: Path | None, yes: bool,
+def failover_test(inventory_path: Path, names: list[str], report_dir: Path | None, yes: bool,
                   push_rate: float, get_rate: float, pe_recovery: float, node_slack: float, cut_seconds: float | None,
-                  sink_address: str | None, accept_new_host_keys: bool, output: str) -> None:
+                  sink_address: str | None, accept_new: bool, output: str) -> None:
     """Inject failures into a deployed cluster while a workload runs; measure detection, recovery, lost and
     duplicated actions and failed requests; pass or fail each scenario against its thresholds.
 
@@ -476,11 +495,6 @@ def failover_test(inventory_path: Path, scenarios: tuple[str, ...], report_dir: 
     """
     from congressctl import failover, inventory
 
-    names = list(scenarios) or list(failover.SCENARIOS)
-    unknown = [n for n in names if n not in failover.SCENARIOS]
-    if unknown:
-        raise click.BadParameter(f"unknown scenario {', '.join(unknown)}; known: {', '.join(failover.SCENARIOS)}",
-                                 param_hint="--scenario")
     inv = inventory.load_inventory(inventory_path)
     warn_all(inv.warnings)
     if not yes and not click.confirm(f"This kills processes and cuts hosts of cluster {inv.cluster!r} "
@@ -489,7 +503,7 @@ def failover_test(inventory_path: Path, scenarios: tuple[str, ...], report_dir: 
         sys.exit(1)
     report_dir = report_dir or Path("failover-report")
     options = failover.Options(push_rate=push_rate, get_rate=get_rate, cut_s=cut_seconds,
-                               sink_address=sink_address, accept_new=accept_new_host_keys)
+                               sink_address=sink_address, accept_new=accept_new)
     thresholds = failover.Thresholds(pe_recovery_s=pe_recovery, node_slack_s=node_slack)
     report = failover.run(inv, names, options=options, thresholds=thresholds, report_dir=report_dir,
                           log=lambda line: err.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {line}", highlight=False))
@@ -504,3 +518,7 @@ def failover_test(inventory_path: Path, scenarios: tuple[str, ...], report_dir: 
                                                   if not s.passed), highlight=False)
         sys.exit(1)
     err.print(f"[green]passed[/]: {len(report.scenarios)} scenario(s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -22,7 +22,6 @@ import sys
 import tempfile
 import time
 import threading
-import xml.etree.ElementTree as ET
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,10 +31,11 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 import congressctl
-from congressctl import remote, verify
-from congressctl.errors import CongressctlError, DeployError
+from congressctl import pacemaker, remote
+from congressctl.errors import CongressctlError, DeployError, NoHostAnswered, ToolTimeoutError
+from congressctl.files import atomic_write
 from congressctl.inventory import Inventory, Node
-from congressctl.render import CIB_PATH, SBIN_DIR, RenderedFile, Secrets, atomic_write, render_all
+from congressctl.render import CIB_PATH, SBIN_DIR, RenderedFile, Secrets, render_all
 
 VENV = "/opt/congressctl"
 WHEELS = f"{VENV}/wheels"
@@ -167,7 +167,7 @@ def build_wheelhouse(state_dir: Path, python_version: str, timeout: float = 600)
         for requirement in ["pip", *_missing_for(folder, python_version)]:
             _pip(["download", "--quiet", "--no-deps", "--only-binary=:all:", "--python-version", python_version,
                   "-d", str(folder), requirement], timeout)
-        (folder / ".complete").write_text(digest)
+        atomic_write(folder / ".complete", digest.encode(), 0o644)   # its presence alone says "complete"
     return Wheelhouse(digest=digest, wheels=sorted(folder.glob("*.whl")))
 
 
@@ -183,7 +183,11 @@ def _source_copy(root: Path, into: Path) -> Path:
 
 
 def _pip(args: list[str], timeout: float) -> None:
-    proc = subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True, timeout=timeout)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise ToolTimeoutError(f"building the wheelhouse: `pip {args[0]}` did not finish within {timeout:g} s "
+                               "(killed)") from None
     if proc.returncode != 0:
         raise DeployError(f"building the wheelhouse failed (pip {args[0]}): {proc.stderr.strip()[-1500:]}",
                           step="wheel")
@@ -213,20 +217,6 @@ def _missing_for(folder: Path, python_version: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------- hosts
 
 
-def host_of(inv: Inventory, node: Node) -> remote.Host:
-    key = str(inv.resolve(node.ssh.key)) if node.ssh.key else None
-    return remote.Host(name=node.name, address=node.address, user=node.ssh.user, port=node.ssh.port, key_file=key)
-
-
-def known_hosts_of(inv: Inventory) -> str | None:
-    path = inv.resolve(inv.ssh.known_hosts)
-    return str(path) if path else None
-
-
-def connect(inv: Inventory, node: Node, accept_new: bool = False) -> remote.Connection:
-    return remote.Connection(host_of(inv, node), known_hosts_of(inv), accept_new=accept_new, connect_timeout=10)
-
-
 class _Steps:
     """Names the step in progress so a failure says where it happened."""
 
@@ -243,11 +233,11 @@ class _Steps:
 # ---------------------------------------------------------------------------------------------- deploy
 
 
-def deploy(inv: Inventory, *, accept_new_host_keys: bool = False, dry_run: bool = False,
+def deploy(inv: Inventory, *, accept_new: bool = False, dry_run: bool = False,
            wait_timeout: float = 240.0, progress: Progress | None = None, max_workers: int = 8) -> DeployResult:
     started = time.monotonic()
     if dry_run:
-        return _dry_run(inv, accept_new_host_keys, progress, max_workers, started)
+        return _dry_run(inv, accept_new, progress, max_workers, started)
     secrets = load_or_create_secrets(inv)
     rendered = render_all(inv, secrets)
     wheelhouses = _Wheelhouses(inv.state_dir)
@@ -256,9 +246,9 @@ def deploy(inv: Inventory, *, accept_new_host_keys: bool = False, dry_run: bool 
 
     def push(host: remote.Host) -> None:
         _push_host(inv, nodes[host.name], rendered[host.name], wheelhouses, reports[host.name],
-                   accept_new_host_keys, progress)
+                   accept_new, progress)
 
-    hosts = [host_of(inv, n) for n in inv.nodes]
+    hosts = [remote.host_of(inv, n) for n in inv.nodes]
     _collect(remote.run_on_hosts(hosts, push, max_workers=max_workers, timeout=900), reports)
     result = DeployResult(hosts=reports)
     if any(not r.ok for r in reports.values()):
@@ -289,7 +279,7 @@ def _push_host(inv: Inventory, node: Node, files: list[RenderedFile], wheelhouse
                accept_new: bool, progress: Progress | None) -> None:
     step = _Steps(report, progress)
     step("connect")
-    with _failing_as(report), connect(inv, node, accept_new) as conn:
+    with _failing_as(report), remote.connect(inv, node, accept_new) as conn:
         step("install congressctl")
         version = conn.run("python3 -c 'import platform; print(platform.python_version())'", timeout=30).stdout
         report.installed = _install_package(conn, wheelhouses.get(version.strip()))
@@ -364,12 +354,13 @@ def _roll_back(inv: Inventory, reports: dict[str, HostReport], progress: Progres
         report = reports[host.name]
         if progress:
             progress(host.name, "roll back")
-        with connect(inv, inv.node(host.name)) as conn:
+        with remote.connect(inv, inv.node(host.name)) as conn:
             for path in report.changed:
                 conn.restore_previous(path)
                 report.rolled_back.append(path)
 
-    group = remote.run_on_hosts([host_of(inv, n) for n in touched], restore, max_workers=max_workers, timeout=120)
+    group = remote.run_on_hosts([remote.host_of(inv, n) for n in touched], restore, max_workers=max_workers,
+                                timeout=120)
     for name, outcome in group.failed.items():
         reports[name].error = (reports[name].error or "") + f"; roll back failed: {outcome.error}"
         reports[name].ok = False
@@ -378,7 +369,7 @@ def _roll_back(inv: Inventory, reports: dict[str, HostReport], progress: Progres
 def _start_stack(inv: Inventory, node: Node, report: HostReport, progress: Progress | None) -> None:
     step = _Steps(report, progress)
     step("start cluster stack")
-    with _failing_as(report), connect(inv, node) as conn:
+    with _failing_as(report), remote.connect(inv, node) as conn:
         if "/etc/corosync/corosync.conf" in report.changed:
             out = conn.run(f"{CLUSTER_SCRIPT} reload-corosync", timeout=30).stdout
             report.restarted += _actions(out)
@@ -397,22 +388,21 @@ def _configure_cluster(inv: Inventory, reports: dict[str, HostReport], result: D
     changed_paths = {p for r in reports.values() for p in r.changed}
     if any(r.installed for r in reports.values()):
         changed_paths.add(PACKAGE)
-    errors = []
-    for node in inv.nodes:
-        try:
-            with connect(inv, node) as conn:
-                if progress:
-                    progress(node.name, "load CIB")
-                existed = _load_cib(conn, inv, CIB_PATH in changed_paths, result, deadline)
-                if existed:
-                    _restart_changed(conn, changed_paths, result)
-                if progress:
-                    progress(node.name, "wait for resources")
-                _wait_ready(conn, inv, result, deadline)
-                return
-        except (CongressctlError, OSError) as exc:
-            errors.append(f"{node.name}: {exc}")
-    result.problems += errors or ["no host could configure the cluster"]
+
+    def configure(conn: remote.Connection) -> None:
+        if progress:
+            progress(conn.host.name, "load CIB")
+        existed = _load_cib(conn, inv, CIB_PATH in changed_paths, result, deadline)
+        if existed:
+            _restart_changed(conn, changed_paths, result)
+        if progress:
+            progress(conn.host.name, "wait for resources")
+        _wait_ready(conn, inv, result, deadline)
+
+    try:
+        remote.first_reachable(inv, inv.nodes, configure)
+    except NoHostAnswered as exc:
+        result.problems += exc.failures or ["no host could configure the cluster"]
 
 
 def _wait_membership(conn: remote.Connection, inv: Inventory, deadline: float) -> None:
@@ -423,7 +413,7 @@ def _wait_membership(conn: remote.Connection, inv: Inventory, deadline: float) -
     want = sorted(n.name for n in inv.nodes)
     seen = "crm_mon did not answer"
     while time.monotonic() < deadline:
-        placement = cluster_placement(conn)
+        placement = pacemaker.cluster_placement(conn)
         if placement and placement.quorum and sorted(placement.online) == want:
             return
         if placement:
@@ -438,7 +428,7 @@ def _load_cib(conn: remote.Connection, inv: Inventory, changed: bool, result: De
     """Replace the CIB's configuration when it changed or is not ours yet; True when ours was already there."""
     _wait_membership(conn, inv, deadline)
     while True:
-        current = conn.run("cibadmin --query --scope resources", timeout=20, check=False)
+        current = pacemaker.query_resources(conn)
         if current.exit_code == 0:
             break
         if time.monotonic() > deadline:
@@ -448,15 +438,9 @@ def _load_cib(conn: remote.Connection, inv: Inventory, changed: bool, result: De
     existed = 'id="api-pe-clone"' in current.stdout
     if existed and not changed:
         return True
-    _replace_cib(conn)
+    pacemaker.replace_configuration(conn, conn.read_file(CIB_PATH))
     result.cib_loaded = True
     return existed
-
-
-def _replace_cib(conn: remote.Connection) -> None:
-    cib = conn.read_file(CIB_PATH)
-    configuration = ET.tostring(ET.fromstring(cib).find("configuration"), encoding="unicode")
-    conn.run("cibadmin --replace --scope configuration --xml-pipe", timeout=60, input=configuration)
 
 
 def _restart_changed(conn: remote.Connection, changed_paths: set[str], result: DeployResult) -> None:
@@ -465,26 +449,17 @@ def _restart_changed(conn: remote.Connection, changed_paths: set[str], result: D
         if path in changed_paths:
             due += [r for r in ((resources,) if isinstance(resources, str) else resources) if r not in due]
     for resource in due:
-        proc = conn.run(f"crm_resource --resource {shlex.quote(resource)} --restart --timeout=60s",
-                        timeout=90, check=False)
-        if proc.exit_code == 0:
+        if pacemaker.restart_resource(conn, resource):
             result.restarted_resources.append(resource)
-
-
-def cluster_placement(conn: remote.Connection) -> verify.Placement | None:
-    proc = conn.run("crm_mon -1 --output-as=xml", timeout=20, check=False)
-    if proc.exit_code != 0 or not proc.stdout.strip():
-        return None
-    return verify.parse_crm_mon(proc.stdout)
 
 
 def _wait_ready(conn: remote.Connection, inv: Inventory, result: DeployResult, deadline: float) -> None:
     problems = ["crm_mon did not answer"]
     while time.monotonic() < deadline:
-        placement = cluster_placement(conn)
-        problems = verify.placement_problems(inv, placement) if placement else ["crm_mon did not answer"]
+        placement = pacemaker.cluster_placement(conn)
+        problems = pacemaker.placement_problems(inv, placement) if placement else ["crm_mon did not answer"]
         if placement and not placement.running and not placement.stopped:
-            _replace_cib(conn)
+            pacemaker.replace_configuration(conn, conn.read_file(CIB_PATH))
         if not problems and not _api_healthy(conn, inv):
             problems = [f"the API through the VIP {inv.vip.address}:{inv.api_port} is not healthy yet"]
         if not problems:
@@ -513,7 +488,7 @@ def _dry_run(inv: Inventory, accept_new: bool, progress: Progress | None, max_wo
     def diff(host: remote.Host) -> None:
         report = reports[host.name]
         _Steps(report, progress)("diff")
-        with _failing_as(report), connect(inv, inv.node(host.name), accept_new) as conn:
+        with _failing_as(report), remote.connect(inv, inv.node(host.name), accept_new) as conn:
             chunks = []
             for f in rendered[host.name]:
                 current = conn.read_file(f.path)
@@ -523,8 +498,8 @@ def _dry_run(inv: Inventory, accept_new: bool, progress: Progress | None, max_wo
                 chunks.append(_file_diff(f, current))
             report.diff = "".join(chunks)
 
-    _collect(remote.run_on_hosts([host_of(inv, n) for n in inv.nodes], diff, max_workers=max_workers, timeout=120),
-             reports)
+    hosts = [remote.host_of(inv, n) for n in inv.nodes]
+    _collect(remote.run_on_hosts(hosts, diff, max_workers=max_workers, timeout=120), reports)
     return DeployResult(hosts=reports, dry_run=True, duration_s=time.monotonic() - started)
 
 

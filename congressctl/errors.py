@@ -63,14 +63,26 @@ class InventoryProblem(CongressctlError):
     exit_code = 2
 
 
-class ToolCheckError(CongressctlError):
-    """A rendered file was refused by its own tool (corosync -t, haproxy -c, crm_verify, crm_simulate)."""
+class UnknownNodeError(CongressctlError):
+    """A node name that the inventory does not have."""
 
-    exit_code = 1
+    exit_code = 2
 
 
 class ToolMissingError(CongressctlError):
     """A validator tool that a check needs is not installed."""
+
+    exit_code = 2
+
+
+class ToolFailedError(CongressctlError):
+    """A tool that a check or a build runs failed on its own (not a rendered file refused): nothing was checked."""
+
+    exit_code = 2
+
+
+class ToolTimeoutError(CongressctlError):
+    """A tool that a check or a build runs did not finish within its time and was killed."""
 
     exit_code = 2
 
@@ -83,6 +95,14 @@ class HostKeyError(RemoteError):
     """A host's SSH key is unknown or has changed; refused as OpenSSH would."""
 
     exit_code = 2
+
+
+class NoHostAnswered(RemoteError):
+    """Every host tried in turn failed (remote.first_reachable); `failures` says how, one "NAME: error" each."""
+
+    def __init__(self, failures: list[str], **kw):
+        self.failures = failures
+        super().__init__("no host answered: " + ("; ".join(failures) or "no host to try"), **kw)
 
 
 class DeployError(CongressctlError):

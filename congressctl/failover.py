@@ -14,16 +14,15 @@ import socket
 import threading
 import time
 import uuid
-import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import httpx
 
-from congressctl import deploy, remote, status, timeline, verify
-from congressctl.errors import CongressctlError, FailoverError
+from congressctl import pacemaker, remote, status, timeline
+from congressctl.errors import CongressctlError, FailoverError, NoHostAnswered, RemoteError
 from congressctl.inventory import Inventory, Node
 from congressctl.timeline import Event
 
@@ -40,6 +39,14 @@ DESCRIPTIONS = {
     "vip-node-fail": "cut the host holding the VIP off the network, restore it afterwards",
 }
 SCENARIOS = tuple(DESCRIPTIONS)
+
+
+def scenarios_named(names: Sequence[str]) -> list[str]:
+    """The scenarios to run, in the order named (every one when none is); an unknown name is refused."""
+    unknown = [n for n in names if n not in DESCRIPTIONS]
+    if unknown:
+        raise FailoverError(f"unknown scenario {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
+    return list(names) or list(SCENARIOS)
 
 
 @dataclass
@@ -384,7 +391,7 @@ class Cluster:
         self.client.close()
 
     def ssh(self, node: Node, command: str, timeout: float = 20.0) -> str:
-        with deploy.connect(self.inv, node, self.options.accept_new) as conn:
+        with remote.connect(self.inv, node, self.options.accept_new) as conn:
             return conn.run(command, timeout=timeout).stdout
 
     def call(self, method: str, path: str, body: object = None, expect: tuple[int, ...] = (200, 201)) -> dict:
@@ -410,15 +417,10 @@ class Cluster:
         raise FailoverError("no api-pe reports a DSD with a leader")
 
     def placement(self) -> dict[str, list[str]]:
-        for node in self.inv.nodes:
-            try:
-                with deploy.connect(self.inv, node, self.options.accept_new) as conn:
-                    placement = deploy.cluster_placement(conn)
-            except CongressctlError:
-                continue
-            if placement:
-                return placement.running
-        raise FailoverError("no host answered crm_mon")
+        try:
+            return remote.first_reachable(self.inv, self.inv.nodes, _running, accept_new=self.options.accept_new)
+        except NoHostAnswered as exc:
+            raise FailoverError("no host answered crm_mon") from exc
 
     def wait_healthy(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -440,28 +442,18 @@ class Cluster:
         return self._totem
 
     def _read_totem(self) -> tuple[int, int]:
-        t = self.inv.timings
-        for node in self.inv.nodes:
-            try:
-                out = self.ssh(node, "corosync-cmapctl -g runtime.config.totem.token runtime.config.totem.consensus")
-            except CongressctlError:
-                continue
-            values = dict(line.split(" (u32) = ") for line in out.splitlines() if " (u32) = " in line)
-            token = values.get("runtime.config.totem.token")
-            consensus = values.get("runtime.config.totem.consensus")
-            if token and consensus:
-                return int(token), int(consensus)
-        self.log("could not read corosync's timeouts in force; using the inventory's")
-        return t.corosync_token_ms, t.corosync_consensus_ms
+        try:
+            return remote.first_reachable(self.inv, self.inv.nodes, _totem_in_force, accept_new=self.options.accept_new)
+        except NoHostAnswered:
+            self.log("could not read corosync's timeouts in force; using the inventory's")
+            return self.inv.timings.corosync_token_ms, self.inv.timings.corosync_consensus_ms
 
     def cleanup(self) -> None:
         """Forget failures Pacemaker counted, so the next scenario starts from a clean slate."""
-        for node in self.inv.nodes:
-            try:
-                self.ssh(node, "crm_resource --cleanup --quiet >/dev/null 2>&1 || true", timeout=60)
-                return
-            except CongressctlError:
-                continue
+        try:
+            remote.first_reachable(self.inv, self.inv.nodes, pacemaker.cleanup, accept_new=self.options.accept_new)
+        except NoHostAnswered:
+            pass
 
     def rows_on(self, name: str, datasource: str) -> list | None:
         try:
@@ -472,6 +464,23 @@ class Cluster:
         if resp.status_code != 200:
             return None
         return sorted(r["data"] for r in resp.json()["results"])
+
+
+def _running(conn: remote.Connection) -> dict[str, list[str]]:
+    placement = pacemaker.cluster_placement(conn)
+    if placement is None:
+        raise RemoteError("crm_mon did not answer", host=conn.host.name)
+    return placement.running
+
+
+def _totem_in_force(conn: remote.Connection) -> tuple[int, int]:
+    out = conn.run("corosync-cmapctl -g runtime.config.totem.token runtime.config.totem.consensus", timeout=20).stdout
+    values = dict(line.split(" (u32) = ") for line in out.splitlines() if " (u32) = " in line)
+    token = values.get("runtime.config.totem.token")
+    consensus = values.get("runtime.config.totem.consensus")
+    if not (token and consensus):
+        raise RemoteError("corosync-cmapctl printed no totem token and consensus", host=conn.host.name)
+    return int(token), int(consensus)
 
 
 def kill_command(role: str, sig: str) -> str:
@@ -503,10 +512,6 @@ class Fault:
     detected_at: float | None = None
     survivor: Node | None = None
     new_dsd: bool = False     # recovery counts only actions run by another DSD instance than before the fault
-
-
-def _leader_node(cluster: Cluster) -> Node:
-    return cluster.inv.node(cluster.dsd_view()["leader"]["node"])
 
 
 def _node_limit(cluster: "Cluster", thresholds: Thresholds) -> float:
@@ -676,29 +681,29 @@ class _PacemakerWatch:
         asked = self.rec.now()
         try:
             if self.conn is None:
-                self.conn = deploy.connect(self.cluster.inv, self.fault.survivor, self.cluster.options.accept_new)
-            proc = self.conn.run("crm_mon -1 --output-as=xml", timeout=5, check=False)
+                self.conn = remote.connect(self.cluster.inv, self.fault.survivor, self.cluster.options.accept_new)
+            xml_text = pacemaker.crm_mon_xml(self.conn, timeout=5)
         except CongressctlError:
             self.close()
             return
-        if proc.exit_code != 0 or not proc.stdout.strip():
+        if xml_text is None:
             return
-        seen = self._seen(proc.stdout)
+        seen = self._seen(xml_text)
         if seen:
             self.fault.detected_at = self.rec.add("detected", f"Pacemaker on {self.fault.survivor.name} sees {seen}",
                                                  t=asked)
 
     def _seen(self, xml_text: str) -> str | None:
         target = self.fault.target
-        placement = verify.parse_crm_mon(xml_text)
+        placement = pacemaker.parse_crm_mon(xml_text)
         if target in placement.offline:
             return f"{target} offline"
         if self.fault.recovery != "pe-back":
             return None
         if target not in placement.on("api-pe"):
             return f"api-pe on {target} not running"
-        failures = ET.fromstring(xml_text).iter("failure")
-        if any(f.get("node") == target and (f.get("op_key") or "").startswith("api-pe") for f in failures):
+        failures = pacemaker.failed_operations(xml_text)
+        if any(node == target and op_key.startswith("api-pe") for node, op_key in failures):
             return f"a failed api-pe operation on {target}"
         return None
 
@@ -856,11 +861,9 @@ def timings_summary(t: dict) -> str:
 def run(inv: Inventory, scenarios: list[str], *, options: Options | None = None,
         thresholds: Thresholds | None = None, report_dir: Path | None = None,
         log: Log = lambda _: None) -> FailoverReport:
-    """Run each scenario in turn; the cluster is restored and healthy again before the next one starts."""
+    """Run each scenario (names as `scenarios_named` returns them) in turn; the cluster is restored and healthy
+    again before the next one starts."""
     options, thresholds = options or Options(), thresholds or Thresholds()
-    unknown = [s for s in scenarios if s not in DESCRIPTIONS]
-    if unknown:
-        raise FailoverError(f"unknown scenario {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
     started = time.monotonic()
     cluster = Cluster(inv, options, log)
     sink_address = options.sink_address or local_address_towards(inv.nodes[0].address)

@@ -16,9 +16,10 @@ from typing import Any, Callable
 
 import yaml
 
-from congressctl.errors import InventoryError, InventoryProblem
+from congressctl.errors import InventoryError, InventoryProblem, UnknownNodeError
 
 ROLES = ("api-pe", "dsd", "bus")
+SERVED_ROLES = ("api-pe", "dsd")   # the roles that run a congress process (`congressctl serve ROLE`)
 CLUSTER_NAME = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
 NODE_NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 INTERFACE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
@@ -27,6 +28,7 @@ SAFE_TEXT = re.compile(r"^[A-Za-z0-9_.,:/@%+=-]+$")
 NO_QUORUM_POLICIES = ("stop", "freeze", "ignore", "demote", "suicide")
 RESERVED_PORTS = {5404: "corosync", 5405: "corosync (knet)", 5406: "corosync", 2224: "pcsd"}
 COROSYNC_MEMBER_LIMIT = 32
+FIRST_HOST_OCTET = 11   # generated inventories (and the lab) number hosts <subnet>.11, .12, ...
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,7 @@ class Vip:
 
 
 @dataclass(frozen=True)
-class Bus:
+class BusSettings:
     port: int = 6379
     password_file: str | None = None
     password_env: str | None = None
@@ -104,7 +106,7 @@ class Inventory:
     nodes: list[Node]
     vip: Vip
     api_port: int
-    bus: Bus
+    bus: BusSettings
     timings: Timings
     pacemaker: Pacemaker
     corosync: Corosync
@@ -114,7 +116,11 @@ class Inventory:
     warnings: list[str] = field(default_factory=list)
 
     def node(self, name: str) -> Node:
-        return next(n for n in self.nodes if n.name == name)
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        raise UnknownNodeError(f"no node named {name!r}; the inventory has {', '.join(n.name for n in self.nodes)}",
+                               file=str(self.path))
 
     def with_role(self, role: str) -> list[Node]:
         return [n for n in self.nodes if n.has(role)]
@@ -449,9 +455,9 @@ def _read_vip(m: _Map | None) -> Vip:
     return Vip(address=address or "", cidr=cidr or 24, interface=interface or "eth0")
 
 
-def _read_bus(m: _Map | None) -> Bus:
+def _read_bus(m: _Map | None) -> BusSettings:
     if m is None:
-        return Bus()
+        return BusSettings()
     port = m.get("port", int, 6379, _port)
     password_file = m.get("password_file", str, None, _safe_text)
     password_env = m.get("password_env", str, None, _matches(ENV_VAR, "environment variable name"))
@@ -465,7 +471,8 @@ def _read_bus(m: _Map | None) -> Bus:
     vip = m.get("vip", str, None, _ipv4)
     tls = m.get("tls", bool, False)
     m.finish(("port", "password_file", "password_env", "vip", "tls", "password"))
-    return Bus(port=port or 6379, password_file=password_file, password_env=password_env, vip=vip, tls=bool(tls))
+    return BusSettings(port=port or 6379, password_file=password_file, password_env=password_env, vip=vip,
+                       tls=bool(tls))
 
 
 def _read_corosync(m: _Map | None) -> Corosync:
@@ -631,27 +638,30 @@ def _add_warnings(inv: Inventory) -> None:
 
 
 def generate(nodes: int, *, cluster: str = "gen", subnet: str = "10.213.0", dsd: int = 3, bus: int = 1,
-             api_pe: int | None = None, sched_rr: bool = True) -> dict:
+             api_pe: int | None = None, sched_rr: bool = True, vip: str | None = None,
+             dsd_preference: list[str] | None = None, ssh: dict | None = None) -> dict:
     """A valid inventory as plain data: `nodes` hosts at <subnet>.11.., the first `dsd` allowed to run the
-    DSD, the first `bus` carrying the bus, the last `api_pe` (default all) running api-pe. For tests, the
+    DSD (preferred in that order unless `dsd_preference` says otherwise), the first `bus` carrying the bus,
+    the last `api_pe` (default all) running api-pe, the VIP at <subnet>.250 unless given. For tests, the
     benchmark and the lab."""
     api_pe = nodes if api_pe is None else api_pe
     names = [f"n{i + 1}" for i in range(nodes)]
     hosts = []
     for i, name in enumerate(names):
         roles = [r for r, on in (("api-pe", i >= nodes - api_pe), ("dsd", i < dsd), ("bus", i < bus)) if on]
-        hosts.append({"name": name, "address": f"{subnet}.{11 + i}", "roles": roles})
+        hosts.append({"name": name, "address": f"{subnet}.{FIRST_HOST_OCTET + i}", "roles": roles})
     data = {
         "cluster": cluster,
         "nodes": hosts,
-        "vip": {"address": f"{subnet}.250", "cidr": 24 if nodes < 230 else 16, "interface": "eth0"},
+        "vip": {"address": vip or f"{subnet}.250", "cidr": 24 if nodes < 230 else 16, "interface": "eth0"},
         "api": {"port": 1789},
         "bus": {"port": 6379},
+        "corosync": {"sched_rr": sched_rr},
         "pacemaker": {"fencing": "disabled"},
-        "dsd": {"preference": names[:dsd]},
+        "dsd": {"preference": names[:dsd] if dsd_preference is None else dsd_preference},
     }
     if bus > 1:
         data["bus"]["vip"] = f"{subnet}.251"
-    if not sched_rr:
-        data["corosync"] = {"sched_rr": False}
+    if ssh is not None:
+        data["ssh"] = ssh
     return data

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import functools
-import importlib.resources
 import json
 import os
 import re
@@ -38,16 +36,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-import jinja2
 import yaml
 
 from congressctl.errors import LabError
+from congressctl.files import atomic_write
+from congressctl.inventory import FIRST_HOST_OCTET, generate
+from congressctl.render import render_template
 
 REGISTRY_DIR = Path("/run/congressctl-lab")
 NETNS_DIR = Path("/run/netns")
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,10}$")   # "clb-<name>" must fit Linux's 15-character interface names
 MIN_NODES, MAX_NODES = 2, 12
-FIRST_HOST_OCTET = 11
 VIP_OCTET = 100
 SSH_PORT = 22
 OVERLAID = ("/etc", "/var", "/usr", "/opt")
@@ -275,10 +274,10 @@ def _prepare_host(lab: Lab, h: LabHost, client_pub: str, run_seed: Path) -> str:
     _hide_machine_host_keys(ssh)
     authorized = "/etc/ssh/lab_authorized_keys"
     _write(ssh / "lab_authorized_keys", client_pub, 0o600)
-    _write(ssh / "sshd_config", _render("lab-sshd_config.j2", host=h.name, address=h.address, port=SSH_PORT,
-                                        authorized_keys=authorized), 0o644)
-    _write(root / "setup.sh", _render("lab-host-setup.sh.j2", host=h.name, overlays=overlays, home=str(home),
-                                      run_seed=str(run_seed)), 0o700)
+    _write(ssh / "sshd_config", render_template("lab-sshd_config.j2", host=h.name, address=h.address,
+                                                port=SSH_PORT, authorized_keys=authorized), 0o644)
+    _write(root / "setup.sh", render_template("lab-host-setup.sh.j2", host=h.name, overlays=overlays,
+                                              home=str(home), run_seed=str(run_seed)), 0o700)
     algo, key = (ssh / "ssh_host_ed25519_key.pub").read_text().split()[:2]
     return f"{algo} {key}"
 
@@ -419,24 +418,10 @@ def corosync_realtime(hosts: int, cores: int | None = None) -> bool:
 
 def _inventory(lab: Lab) -> dict:
     """n1 carries the one bus; the DSD prefers the other hosts, so losing one host never takes both."""
-    dsd = [h.name for h in lab.hosts[1:3]] + [lab.hosts[0].name]
-    nodes = []
-    for i, h in enumerate(lab.hosts):
-        roles = ["api-pe"] + (["dsd"] if h.name in dsd else []) + (["bus"] if i == 0 else [])
-        nodes.append({"name": h.name, "address": h.address, "roles": roles})
-    return {
-        "cluster": lab.name,
-        "nodes": nodes,
-        "vip": {"address": lab.vip, "cidr": 24, "interface": "eth0"},
-        "api": {"port": 1789},
-        "bus": {"port": 6379},
-        "timings": {"heartbeat_interval_ms": 200, "peer_timeout_ms": 1000, "corosync_token_ms": 1000,
-                    "corosync_consensus_ms": 1200},
-        "corosync": {"sched_rr": corosync_realtime(len(lab.hosts))},
-        "pacemaker": {"fencing": "disabled", "no_quorum_policy": "stop", "resource_stickiness": 100},
-        "dsd": {"preference": dsd},
-        "ssh": {"user": "root", "port": SSH_PORT, "key": lab.key.name, "known_hosts": lab.known_hosts.name},
-    }
+    names = [h.name for h in lab.hosts]
+    return generate(len(lab.hosts), cluster=lab.name, subnet=lab.subnet.rsplit(".", 1)[0], vip=lab.vip,
+                    dsd_preference=names[1:3] + names[:1], sched_rr=corosync_realtime(len(lab.hosts)),
+                    ssh={"user": "root", "port": SSH_PORT, "key": lab.key.name, "known_hosts": lab.known_hosts.name})
 
 
 # ---------------------------------------------------------------------------------------------- teardown
@@ -706,27 +691,7 @@ def _env_for_exec(stream: bool) -> dict[str, str]:
 
 
 def _write(path: Path, text: str, mode: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
-
-
-def _render(template: str, **context: object) -> str:
-    return _templates().get_template(template).render(**context)
-
-
-@functools.lru_cache(maxsize=1)
-def _templates() -> jinja2.Environment:
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(importlib.resources.files("congressctl") / "templates")),
-        undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False,
-        trim_blocks=True, lstrip_blocks=True)
-    env.filters["sh"] = shlex.quote
-    return env
+    atomic_write(path, text.encode(), mode)
 
 
 @contextlib.contextmanager

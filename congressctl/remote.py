@@ -8,6 +8,7 @@
   first. A Host's user and port win over the config unless they are the defaults (root, 22): the inventory
   always fills those in, so only a non-default value can be told apart from "not given".
 - Every connect, command and transfer is bounded by a timeout.
+- An inventory node is reached with `connect`; `first_reachable` tries nodes in turn where any one host will do.
 """
 
 from __future__ import annotations
@@ -24,16 +25,18 @@ import shlex
 import secrets
 import socket
 import stat
-import tempfile
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, TypeVar
 
 import paramiko
 
-from congressctl.errors import HostKeyError, RemoteError
+from congressctl.errors import CongressctlError, HostKeyError, NoHostAnswered, RemoteError
+from congressctl.files import atomic_write
+from congressctl.inventory import Inventory, Node
 
 DEFAULT_USER = "root"
 DEFAULT_PORT = 22
@@ -42,6 +45,7 @@ DEFAULT_SSH_CONFIG = "~/.ssh/config"
 STDERR_TAIL_CHARS = 2000
 _READ_CHUNK = 65536
 _known_hosts_lock = threading.Lock()
+T = TypeVar("T")
 
 
 @dataclass
@@ -77,10 +81,6 @@ class GroupResult:
     """Every host's outcome of one `run_on_hosts` call, in host order (like fabric's GroupResult)."""
 
     outcomes: dict[str, HostOutcome] = field(default_factory=dict)
-
-    @property
-    def succeeded(self) -> dict[str, HostOutcome]:
-        return {name: o for name, o in self.outcomes.items() if o.ok}
 
     @property
     def failed(self) -> dict[str, HostOutcome]:
@@ -191,18 +191,7 @@ def _append_known_host(path: str, name: str, key: paramiko.PKey, hashed: bool) -
     if old and not old.endswith(b"\n"):
         old += b"\n"
     entry = f"{_hash_name(name) if hashed else name} {key.get_name()} {key.get_base64()}\n"
-    fd, tmp = tempfile.mkstemp(prefix=".known_hosts.", dir=directory)
-    try:
-        os.fchmod(fd, old_mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(old + entry.encode())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, real)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(Path(real), old + entry.encode(), old_mode)
 
 
 class _HostKeyPolicy(paramiko.MissingHostKeyPolicy):
@@ -644,3 +633,34 @@ def run_on_hosts(hosts: list[Host], fn: Callable[[Host], Any], max_workers: int 
         else:
             outcomes[host.name] = HostOutcome(host=host.name, ok=False, error=f"timed out after {timeout:g}s")
     return GroupResult(outcomes)
+
+
+# ---------------------------------------------------------------- the inventory's hosts
+
+
+def host_of(inv: Inventory, node: Node) -> Host:
+    key = str(inv.resolve(node.ssh.key)) if node.ssh.key else None
+    return Host(name=node.name, address=node.address, user=node.ssh.user, port=node.ssh.port, key_file=key)
+
+
+def known_hosts_of(inv: Inventory) -> str | None:
+    path = inv.resolve(inv.ssh.known_hosts)
+    return str(path) if path else None
+
+
+def connect(inv: Inventory, node: Node, accept_new: bool = False) -> Connection:
+    return Connection(host_of(inv, node), known_hosts_of(inv), accept_new=accept_new, connect_timeout=10)
+
+
+def first_reachable(inv: Inventory, nodes: list[Node], fn: Callable[[Connection], T], *,
+                    accept_new: bool = False) -> T:
+    """fn(connection) on each node in turn, returning the first success. A node that cannot be reached, or
+    where fn raises a CongressctlError or OSError, hands over to the next; NoHostAnswered when none is left."""
+    failures = []
+    for node in nodes:
+        try:
+            with connect(inv, node, accept_new) as conn:
+                return fn(conn)
+        except (CongressctlError, OSError) as exc:
+            failures.append(f"{node.name}: {exc}")
+    raise NoHostAnswered(failures)

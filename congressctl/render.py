@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import importlib.resources
 import os
-import tempfile
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
 import jinja2
 
+from congressctl.files import atomic_write
 from congressctl.inventory import Inventory, Node
 
 CIB_PATH = "/etc/congressctl/cib.xml"
@@ -47,13 +48,15 @@ def templates_dir() -> Path:
 
 
 def _environment(autoescape: bool) -> jinja2.Environment:
-    return jinja2.Environment(
+    env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(templates_dir())),
         undefined=jinja2.StrictUndefined,
         autoescape=autoescape,
         keep_trailing_newline=True,
         trim_blocks=False,
     )
+    env.filters["sh"] = shlex.quote   # paths in generated shell scripts (the lab host's setup.sh)
+    return env
 
 
 _TEXT = _environment(autoescape=False)
@@ -135,18 +138,3 @@ def write_tree(rendered: dict[str, list[RenderedFile]], cib: bytes, out: Path) -
                 continue
             written.append(atomic_write(out / node / f.name, f.content, f.mode))
     return written
-
-
-def atomic_write(path: Path, data: bytes, mode: int) -> Path:
-    """Write a local file via a temp file in the same folder and a rename; the mode is set before any byte."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

@@ -16,14 +16,13 @@ import re
 import secrets
 import shlex
 import time
-import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import httpx
 
-from congressctl import deploy, remote, verify
+from congressctl import pacemaker, remote
 from congressctl.errors import RemoteError, StatusError
 from congressctl.inventory import Inventory, Node
 
@@ -142,7 +141,7 @@ class StatusReport:
     nodes: list[NodeStatus]
     dsd: DsdStatus | None
     api: ApiStatus
-    placement: verify.Placement | None
+    placement: pacemaker.Placement | None
     duration_s: float
 
     def to_dict(self) -> dict:
@@ -151,7 +150,7 @@ class StatusReport:
 
 
 @dataclass
-class Probe:
+class HostProbe:
     """One probe's exit status and output, as `probe_command` printed them."""
 
     rc: int
@@ -164,7 +163,7 @@ class HostSample:
     """What one host's probes returned, before anything is judged."""
 
     host: HostStatus
-    view: verify.Placement | None = None
+    view: pacemaker.Placement | None = None
     api: dict | None = None
 
 
@@ -183,7 +182,7 @@ def gather(inv: Inventory, *, accept_new: bool = False, timeout: float = 5.0) ->
         def sample(host: remote.Host) -> HostSample:
             return _sample_host(inv, nodes[host.name], accept_new, timeout)
 
-        group = remote.run_on_hosts([deploy.host_of(inv, n) for n in inv.nodes], sample,
+        group = remote.run_on_hosts([remote.host_of(inv, n) for n in inv.nodes], sample,
                                     max_workers=MAX_WORKERS, timeout=2 * timeout + 1)
         api = api_future.result()
     samples = [_sample_of(nodes[name], outcome) for name, outcome in group.outcomes.items()]
@@ -207,7 +206,7 @@ def _sample_host(inv: Inventory, node: Node, accept_new: bool, timeout: float) -
     token = secrets.token_hex(8)
     budget = min(PROBE_TIMEOUT_S, timeout)
     command = probe_command(token, _api_url(inv, node), budget)
-    with remote.Connection(deploy.host_of(inv, node), deploy.known_hosts_of(inv), accept_new=accept_new,
+    with remote.Connection(remote.host_of(inv, node), remote.known_hosts_of(inv), accept_new=accept_new,
                            connect_timeout=timeout, io_timeout=timeout) as conn:
         try:
             result = conn.run(command, timeout=timeout, check=False)
@@ -236,7 +235,7 @@ def probe_command(token: str, api_url: str | None, budget: float) -> str:
     """One POSIX shell command: run the probes in parallel, then print each one's exit status, stdout and
     stderr between lines `@@TOKEN NAME rc=N` and `@@TOKEN NAME stderr`."""
     probes = {
-        "crm_mon": f"timeout {budget:g} crm_mon -1 --output-as=xml",
+        "crm_mon": f"timeout {budget:g} {pacemaker.CRM_MON}",
         # UNIX-CONNECT: a bare path would make socat create a regular file where the socket is missing.
         # a socket left by an HAProxy that moved away refuses connections: only ask a running one
         "haproxy": (f"test -S {HAPROXY_SOCKET} && pgrep -x haproxy >/dev/null || exit {_NO_SOCKET}; "
@@ -256,24 +255,24 @@ def probe_command(token: str, api_url: str | None, budget: float) -> str:
     return "sh -c " + shlex.quote("\n".join(lines))
 
 
-def parse_probes(stdout: str, token: str) -> dict[str, Probe]:
+def parse_probes(stdout: str, token: str) -> dict[str, HostProbe]:
     """The sections `probe_command` printed, by probe name."""
     marker = re.compile(rf"\n@@{re.escape(token)} (\S+) (?:rc=(-?\d*)|(stderr))\n")
     parts = marker.split("\n" + stdout)
-    probes: dict[str, Probe] = {}
+    probes: dict[str, HostProbe] = {}
     for i in range(1, len(parts) - 3, 4):
         name, rc, stderr, text = parts[i:i + 4]
         if stderr and name in probes:
             probes[name].err = text
         elif not stderr:
-            probes[name] = Probe(rc=int(rc) if rc else -1, out=text, err="")
+            probes[name] = HostProbe(rc=int(rc) if rc else -1, out=text, err="")
     return probes
 
 
 # ---------------------------------------------------------------------------------------------- probes
 
 
-def _read_crm_mon(sample: HostSample, probe: Probe | None) -> None:
+def _read_crm_mon(sample: HostSample, probe: HostProbe | None) -> None:
     host = sample.host
     if probe is None:
         host.pacemaker_error = "crm_mon printed nothing"
@@ -281,35 +280,19 @@ def _read_crm_mon(sample: HostSample, probe: Probe | None) -> None:
     if probe.rc == 124:
         host.pacemaker_error = "crm_mon timed out"
         return
-    try:
-        root = ET.fromstring(probe.out)
-    except ET.ParseError:
+    view = pacemaker.read_host_view(probe.out, probe.rc)
+    if view is None:
         host.pacemaker_error = _last_line(probe.err or probe.out) or f"crm_mon exited {probe.rc}"
         return
-    if probe.rc != 0 or root.find("summary") is None:
-        host.pacemaker_error = crm_mon_error(root) or f"crm_mon exited {probe.rc}"
+    if view.error:
+        host.pacemaker_error = view.error
         return
-    sample.view = verify.parse_crm_mon(probe.out)
+    sample.view = view.placement
     host.quorum = sample.view.quorum
-    host.dc = cluster_dc(root)
+    host.dc = view.dc
 
 
-def cluster_dc(root: ET.Element) -> str | None:
-    """The designated controller named in crm_mon's XML (None when there is none)."""
-    dc = root.find("summary/current_dc")
-    return dc.get("name") if dc is not None and dc.get("present") == "true" else None
-
-
-def crm_mon_error(root: ET.Element) -> str | None:
-    """The error crm_mon reports in its XML <status> (e.g. the cluster is not running on this host)."""
-    status = root.find("status")
-    if status is None:
-        return None
-    errors = [e.text.strip() for e in status.iter("error") if e.text and e.text.strip()]
-    return "; ".join(errors) or status.get("message")
-
-
-def _read_haproxy(host: HostStatus, probe: Probe | None) -> None:
+def _read_haproxy(host: HostStatus, probe: HostProbe | None) -> None:
     if probe is None or probe.rc == _NO_SOCKET:
         return
     if probe.rc != 0:
@@ -330,7 +313,7 @@ def parse_haproxy_stat(text: str) -> list[Backend]:
             for r in rows if r.get("svname") not in (None, "FRONTEND", "BACKEND")]
 
 
-def _read_api(sample: HostSample, probe: Probe | None) -> None:
+def _read_api(sample: HostSample, probe: HostProbe | None) -> None:
     host = sample.host
     if probe is None:
         host.api_error = "curl printed nothing"
@@ -412,7 +395,7 @@ def assess(inv: Inventory, samples: list[HostSample], api: ApiStatus, duration_s
                         dsd=dsd, api=api, placement=view, duration_s=round(duration_s, 3))
 
 
-def _trusted_view(samples: list[HostSample]) -> verify.Placement | None:
+def _trusted_view(samples: list[HostSample]) -> pacemaker.Placement | None:
     """The cluster as a quorate host sees it, the DC's own view first; a host cut off from the rest may
     still believe it runs resources the others have already moved."""
     ranked = sorted((s for s in samples if s.view is not None),
@@ -420,7 +403,7 @@ def _trusted_view(samples: list[HostSample]) -> verify.Placement | None:
     return ranked[0].view if ranked else None
 
 
-def _place_host(host: HostStatus, view: verify.Placement | None) -> None:
+def _place_host(host: HostStatus, view: pacemaker.Placement | None) -> None:
     if view is None:
         return
     host.member = host.name in view.online or host.name in view.offline
@@ -429,7 +412,7 @@ def _place_host(host: HostStatus, view: verify.Placement | None) -> None:
                             for rid, where in view.running.items() if host.name in where)
 
 
-def _host_problems(hosts: list[HostStatus], view: verify.Placement | None) -> list[str]:
+def _host_problems(hosts: list[HostStatus], view: pacemaker.Placement | None) -> list[str]:
     problems = []
     for host in hosts:
         if not host.reachable:
@@ -445,16 +428,16 @@ def _host_problems(hosts: list[HostStatus], view: verify.Placement | None) -> li
     return problems
 
 
-def _placement_problems(inv: Inventory, view: verify.Placement | None) -> list[str]:
+def _placement_problems(inv: Inventory, view: pacemaker.Placement | None) -> list[str]:
     if view is None:
         return ["no host's crm_mon answered: resource placement unknown"]
-    problems = verify.placement_problems(inv, view)
+    problems = pacemaker.placement_problems(inv, view)
     if view.stopped:
         problems.append(f"not running: {', '.join(sorted(set(view.stopped)))}")
     return problems
 
 
-def _haproxy_problems(hosts: list[HostStatus], view: verify.Placement | None) -> list[str]:
+def _haproxy_problems(hosts: list[HostStatus], view: pacemaker.Placement | None) -> list[str]:
     where = set(view.on("haproxy")) if view is not None else {h.name for h in hosts if h.haproxy}
     problems = []
     for host in hosts:
@@ -487,7 +470,7 @@ def _api_pe_problems(inv: Inventory, samples: list[HostSample]) -> list[str]:
     return problems
 
 
-def _node_statuses(inv: Inventory, statuses: dict[str, dict], view: verify.Placement | None) -> list[NodeStatus]:
+def _node_statuses(inv: Inventory, statuses: dict[str, dict], view: pacemaker.Placement | None) -> list[NodeStatus]:
     """Every congress process: the api-pe nodes of the inventory plus every peer any api-pe hears."""
     sightings: dict[tuple[str, str], list[dict]] = {}
     for status in statuses.values():
@@ -529,7 +512,7 @@ def _node_problems(nodes: list[NodeStatus], statuses: dict[str, dict]) -> list[s
     return problems
 
 
-def _dsd_status(statuses: dict[str, dict], view: verify.Placement | None) -> DsdStatus | None:
+def _dsd_status(statuses: dict[str, dict], view: pacemaker.Placement | None) -> DsdStatus | None:
     """The DSD as the api-pe that heard it most recently reports it, with every PE's table positions."""
     heard = sorted(((name, s["dsd"]) for name, s in statuses.items() if isinstance(s.get("dsd"), dict)),
                    key=lambda item: item[1].get("age_ms", float("inf")))

@@ -6,19 +6,21 @@ Each check returns a CheckResult (tool, target, ok, detail); callers decide what
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
-import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
 
-from congressctl.errors import ToolMissingError
+from congressctl.errors import ToolFailedError, ToolMissingError, ToolTimeoutError
 from congressctl.inventory import Inventory
+from congressctl.pacemaker import Placement, node_list, parse_crm_mon, placement_problems
 from congressctl.render import RenderedFile
 
 TOOL_TIMEOUT_S = 60
+CLEANUP_TIMEOUT_S = 10   # its own bound: a check that ran out of time must still remove its namespace
 TOOLS = ("corosync", "haproxy", "crm_verify", "crm_simulate", "crm_mon", "ip", "unshare")
 _netns_serial = count()
 
@@ -29,22 +31,6 @@ class CheckResult:
     target: str
     ok: bool
     detail: str = ""
-
-
-@dataclass
-class Placement:
-    """Where each resource runs in a simulated cluster (from crm_mon XML, never from its human output)."""
-
-    running: dict[str, list[str]] = field(default_factory=dict)
-    promoted: dict[str, list[str]] = field(default_factory=dict)
-    stopped: list[str] = field(default_factory=list)     # resource instances not active (id per instance)
-    failed: list[str] = field(default_factory=list)
-    online: list[str] = field(default_factory=list)
-    offline: list[str] = field(default_factory=list)
-    quorum: bool = False
-
-    def on(self, resource: str) -> list[str]:
-        return self.running.get(resource, [])
 
 
 def missing_tools() -> list[str]:
@@ -61,11 +47,19 @@ def require_tools() -> None:
                                "node's address); run as root or pass --no-tools")
 
 
-def _run(argv: list[str], **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, capture_output=True, text=True, timeout=TOOL_TIMEOUT_S, **kw)
+def _run(argv: list[str], *, check: bool = False, timeout: float | None = None,
+         env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run a tool; running out of time, or failing when `check`, is a named error naming the command."""
+    timeout = TOOL_TIMEOUT_S if timeout is None else timeout
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=check, env=env)
+    except subprocess.TimeoutExpired:
+        raise ToolTimeoutError(f"`{shlex.join(argv)}` did not finish within {timeout:g} s (killed)") from None
+    except subprocess.CalledProcessError as exc:
+        raise ToolFailedError(f"`{shlex.join(argv)}` failed (exit {exc.returncode}): {_tail(exc, 1)}") from None
 
 
-def _tail(proc: subprocess.CompletedProcess, lines: int = 6) -> str:
+def _tail(proc: subprocess.CompletedProcess | subprocess.CalledProcessError, lines: int = 6) -> str:
     text = (proc.stderr or "") + (proc.stdout or "")
     kept = [ln for ln in text.strip().splitlines() if "Partial" not in ln]
     return "\n".join(kept[-lines:])
@@ -89,7 +83,7 @@ def check_corosync(conf: bytes, address: str, node: str) -> CheckResult:
             proc = _run(["ip", "netns", "exec", netns, "unshare", "--mount", "--propagation", "private",
                          "sh", "-c", script])
         finally:
-            _run(["ip", "netns", "del", netns])
+            _run(["ip", "netns", "del", netns], timeout=CLEANUP_TIMEOUT_S)
     return CheckResult("corosync -t", f"{node}/corosync.conf", proc.returncode == 0,
                        "" if proc.returncode == 0 else f"exit {proc.returncode}: {_tail(proc)}")
 
@@ -140,36 +134,6 @@ def _simulate_step(argv: list[str]) -> None:
         raise ToolMissingError(f"crm_simulate failed (exit {proc.returncode}): {_tail(proc)}")
 
 
-def parse_crm_mon(xml_text: str) -> Placement:
-    """Resource placement from `crm_mon --output-as=xml` (real or simulated)."""
-    root = ET.fromstring(xml_text)
-    placement = Placement()
-    for node in root.iter("node"):
-        if node.get("online") is not None and node.get("type") == "member":
-            (placement.online if node.get("online") == "true" else placement.offline).append(node.get("name"))
-    dc = root.find("summary/current_dc")
-    placement.quorum = dc is not None and dc.get("with_quorum") == "true"
-    resources = root.find("resources")
-    for res in resources.iter("resource") if resources is not None else []:
-        if res.get("failed") == "true":
-            placement.failed.append(res.get("id"))
-        if res.get("active") != "true" or res.get("failed") == "true":
-            placement.stopped.append(res.get("id"))
-            continue
-        nodes = [n.get("name") for n in res.findall("node")]
-        placement.running.setdefault(res.get("id"), []).extend(nodes)
-        if res.get("role") in ("Promoted", "Master"):
-            placement.promoted.setdefault(res.get("id"), []).extend(nodes)
-    for table in (placement.running, placement.promoted):
-        for rid in table:
-            table[rid] = sorted(table[rid])
-    return placement
-
-
-def _names(nodes: list[str]) -> str:
-    return ", ".join(nodes) or "nowhere"
-
-
 def check_placements(inv: Inventory, cib: bytes) -> list[CheckResult]:
     """The failure drills crm_simulate answers: all up, DSD node fails, VIP node fails, promoted bus fails."""
     names = [n.name for n in inv.nodes]
@@ -182,14 +146,15 @@ def check_placements(inv: Inventory, cib: bytes) -> list[CheckResult]:
         want = next(n for n in inv.dsd_preference if n != dsd_node)
         ok = after.on("dsd") == [want]
         results.append(CheckResult("crm_simulate", f"fail {dsd_node} (DSD node)", ok,
-                                   f"DSD moves to {_names(after.on('dsd'))} (expected {want})"))
+                                   f"DSD moves to {node_list(after.on('dsd'))} (expected {want})"))
     vip_node = up.on("vip")[0] if up.on("vip") else None
     if vip_node and len(names) > 1:
         after = simulate(cib, names, [vip_node])
         moved = after.on("vip") and after.on("vip") != [vip_node]
         ok = bool(moved) and after.on("vip") == after.on("haproxy")
         results.append(CheckResult("crm_simulate", f"fail {vip_node} (VIP node)", ok,
-                                   f"VIP on {_names(after.on('vip'))}, HAProxy on {_names(after.on('haproxy'))}"))
+                                   f"VIP on {node_list(after.on('vip'))}, "
+                                   f"HAProxy on {node_list(after.on('haproxy'))}"))
     bus_nodes = inv.with_role("bus")
     if len(bus_nodes) > 1 and up.promoted.get("bus"):
         promoted = up.promoted["bus"][0]
@@ -197,41 +162,19 @@ def check_placements(inv: Inventory, cib: bytes) -> list[CheckResult]:
         new = after.promoted.get("bus", [])
         ok = len(new) == 1 and new[0] != promoted and after.on("bus-vip") == new
         results.append(CheckResult("crm_simulate", f"fail {promoted} (promoted bus)", ok,
-                                   f"bus promoted on {_names(new)}, bus VIP on {_names(after.on('bus-vip'))}"))
+                                   f"bus promoted on {node_list(new)}, "
+                                   f"bus VIP on {node_list(after.on('bus-vip'))}"))
     return results
 
 
 def _expect_all_up(inv: Inventory, up: Placement) -> CheckResult:
     problems = placement_problems(inv, up)
     if up.on("dsd") != [inv.dsd_preference[0]]:
-        problems.append(f"DSD on {_names(up.on('dsd'))}, expected {inv.dsd_preference[0]} (first preference)")
-    detail = "; ".join(problems) or (f"DSD on {_names(up.on('dsd'))}; api-pe on {_names(up.on('api-pe'))}; "
-                                     f"VIP+HAProxy on {_names(up.on('vip'))}")
+        problems.append(f"DSD on {node_list(up.on('dsd'))}, expected {inv.dsd_preference[0]} (first preference)")
+    detail = "; ".join(problems) or (f"DSD on {node_list(up.on('dsd'))}; "
+                                     f"api-pe on {node_list(up.on('api-pe'))}; "
+                                     f"VIP+HAProxy on {node_list(up.on('vip'))}")
     return CheckResult("crm_simulate", "all nodes up", not problems, detail)
-
-
-def placement_problems(inv: Inventory, placement: Placement) -> list[str]:
-    """What differs from a healthy cluster: every resource where the design puts it. Empty when healthy."""
-    problems = []
-    if placement.offline:
-        problems.append(f"nodes offline: {_names(placement.offline)}")
-    if placement.failed:
-        problems.append(f"failed resources: {_names(sorted(set(placement.failed)))}")
-    if len(placement.on("dsd")) != 1 or placement.on("dsd")[0] not in inv.dsd_preference:
-        problems.append(f"DSD on {_names(placement.on('dsd'))}, expected exactly one of {_names(inv.dsd_preference)}")
-    api_nodes = sorted(n.name for n in inv.with_role("api-pe"))
-    if placement.on("api-pe") != api_nodes:
-        problems.append(f"api-pe on {_names(placement.on('api-pe'))}, expected {_names(api_nodes)}")
-    if len(placement.on("vip")) != 1 or placement.on("vip") != placement.on("haproxy"):
-        problems.append(f"VIP on {_names(placement.on('vip'))} and HAProxy on {_names(placement.on('haproxy'))}: "
-                        "expected one node, together")
-    bus_nodes = sorted(n.name for n in inv.with_role("bus"))
-    if len(bus_nodes) == 1 and placement.on("bus") != bus_nodes:
-        problems.append(f"bus on {_names(placement.on('bus'))}, expected {bus_nodes[0]}")
-    promoted = placement.promoted.get("bus", [])
-    if len(bus_nodes) > 1 and (len(promoted) != 1 or placement.on("bus-vip") != promoted):
-        problems.append(f"bus promoted on {_names(promoted)}, bus VIP on {_names(placement.on('bus-vip'))}")
-    return problems
 
 
 def verify_all(inv: Inventory, rendered: dict[str, list[RenderedFile]], cib: bytes) -> list[CheckResult]:

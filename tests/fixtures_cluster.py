@@ -15,7 +15,7 @@ CLI = [str(Path(__file__).resolve().parent.parent / ".venv" / "bin" / "congressc
 
 
 @dataclass
-class Cluster:
+class LabCluster:
     lab: object
     inventory_path: Path
     inv: Inventory
@@ -31,8 +31,8 @@ def congressctl(*args: str, timeout: float = 600, check: bool = False) -> subpro
 
 
 @pytest.fixture(scope="session")
-def cluster(lab) -> Cluster:
+def cluster(lab) -> LabCluster:
     proc = congressctl("deploy", "-i", str(lab.inventory), "--output", "json", timeout=900)
     assert proc.returncode == 0, f"first deploy failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    return Cluster(lab=lab, inventory_path=lab.inventory, inv=load_inventory(lab.inventory),
+    return LabCluster(lab=lab, inventory_path=lab.inventory, inv=load_inventory(lab.inventory),
                    first_deploy=json.loads(proc.stdout))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import time
 
 import pytest
 
@@ -183,14 +184,20 @@ async def until(predicate, timeout=10.0):
         await asyncio.sleep(0.02)
 
 
+def alive(bus: Bus) -> set[str]:
+    """The peers heard within peer_timeout: those the api-pe's /v1/status reports alive."""
+    now = time.monotonic()
+    return {p.node for p in bus.peers.values() if p.age(now) <= bus.peer_timeout_s}
+
+
 def test_heartbeats_make_peers_and_silence_loses_them(redis_server):
     async def go():
         a, b = Probe(redis_server, "a"), Probe(redis_server, "b")
         ta, tb = a.start(), b.start()
-        await until(lambda: {p.node for p in a.bus.alive_peers()} == {"a", "b"})
+        await until(lambda: alive(a.bus) == {"a", "b"})
         peer_b = a.bus.peers[("b", "api-pe")]
         await b.stop(tb)
-        await until(lambda: {p.node for p in a.bus.alive_peers()} == {"a"})
+        await until(lambda: alive(a.bus) == {"a"})
         await a.stop(ta)
         return peer_b
     peer_b = run(go())

@@ -11,7 +11,7 @@ import yaml
 from click.testing import CliRunner
 
 from congressctl.cli import main
-from congressctl.errors import InventoryError
+from congressctl.errors import InventoryError, UnknownNodeError
 from congressctl.inventory import generate, load_inventory, parse_inventory
 
 GOOD = textwrap.dedent("""\
@@ -192,3 +192,12 @@ def test_cli_missing_file_is_a_clear_error(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["validate", "--no-tools", "-i", str(tmp_path / "nope.yaml")])
     assert result.exit_code == 2
     assert "cannot read inventory" in result.output and "nope.yaml" in result.output
+
+
+def test_an_unknown_node_name_is_a_named_error_listing_the_known_ones(tmp_path: Path) -> None:
+    inv = parse_inventory(GOOD, tmp_path / "inv.yaml")
+    assert inv.node("n2").address == "10.213.0.12"
+    with pytest.raises(UnknownNodeError) as raised:
+        inv.node("n9")
+    assert str(raised.value) == f"{tmp_path / 'inv.yaml'}: no node named 'n9'; the inventory has n1, n2, n3"
+    assert raised.value.exit_code == 2

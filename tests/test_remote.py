@@ -12,11 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import free_port
-from congressctl.errors import HostKeyError, RemoteError
-from congressctl.remote import (Connection, Host, _entry_matches, _parse_known_hosts, known_hosts_name,
-                                run_on_hosts)
+from congressctl.errors import HostKeyError, NoHostAnswered, RemoteError
+from congressctl.inventory import Node, SshSettings, generate, parse_inventory
+from congressctl.remote import (Connection, Host, _entry_matches, _parse_known_hosts, first_reachable,
+                                known_hosts_name, run_on_hosts)
 
 
 @pytest.fixture
@@ -302,7 +304,7 @@ def test_run_on_hosts_collects_every_outcome(sshd, no_ssh_config):
     hosts = [_host(sshd, "good"), _host(sshd, "down", port=free_port()), _host(sshd, "broken")]
     result = run_on_hosts(hosts, work, max_workers=2, timeout=120)
     assert list(result.outcomes) == ["good", "down", "broken"]
-    assert list(result.succeeded) == ["good"] and result.succeeded["good"].value == "ok"
+    assert result.outcomes["good"].ok and result.outcomes["good"].value == "ok"
     assert list(result.failed) == ["down", "broken"]
     assert "refused" in result.failed["down"].error and "down" in result.failed["down"].error
     assert (result.failed["broken"].error, result.failed["broken"].step) == ("template exploded", "render")
@@ -320,5 +322,39 @@ def test_run_on_hosts_reports_a_host_still_running_at_timeout():
         result = run_on_hosts([Host("quick", "192.0.2.1"), Host("stuck", "192.0.2.2")], work, timeout=1.0)
     finally:
         release.set()
-    assert result.succeeded["quick"].value == "quick"
+    assert result.outcomes["quick"].ok and result.outcomes["quick"].value == "quick"
     assert list(result.failed) == ["stuck"] and "timed out" in result.failed["stuck"].error
+
+
+def _inventory(sshd, tmp_path: Path, ports: dict[str, int]):
+    inv = parse_inventory(yaml.safe_dump(generate(len(ports))), tmp_path / "inv.yaml")
+    inv.ssh = SshSettings(known_hosts=sshd.known_hosts)
+    inv.nodes = [Node(name=name, address=sshd.host, roles=("api-pe",), ssh=SshSettings(port=port, key=sshd.client_key))
+                 for name, port in ports.items()]
+    return inv
+
+
+def test_first_reachable_returns_the_first_host_that_answers(sshd, tmp_path):
+    inv = _inventory(sshd, tmp_path, {"down": free_port(), "up": sshd.port, "later": sshd.port})
+    tried = []
+
+    def work(conn: Connection) -> str:
+        tried.append(conn.host.name)
+        return conn.run("echo ok").stdout.strip()
+
+    assert first_reachable(inv, inv.nodes, work) == "ok"
+    assert tried == ["up"]
+
+
+def test_first_reachable_names_every_failure_when_none_answers(sshd, tmp_path):
+    inv = _inventory(sshd, tmp_path, {"down": free_port(), "failing": sshd.port})
+
+    def work(conn: Connection) -> str:
+        return conn.run("echo 'no cluster here' >&2; exit 3").stdout
+
+    with pytest.raises(NoHostAnswered) as info:
+        first_reachable(inv, inv.nodes, work)
+    down, failing = info.value.failures
+    assert down.startswith("down: ") and "refused" in down
+    assert failing.startswith("failing: ") and "no cluster here" in failing
+    assert "refused" in str(info.value) and "no cluster here" in str(info.value)

@@ -15,7 +15,7 @@ import yaml
 
 from conftest import free_port, require_tool
 from congressctl import lab as labmod
-from congressctl import status, verify
+from congressctl import pacemaker, status
 from congressctl.inventory import load_inventory
 from fixtures_cluster import CLI, congressctl
 
@@ -98,8 +98,8 @@ def test_unreachable_host_is_degraded_and_no_api_is_unavailable(inv) -> None:
 
 def test_crm_mon_error_of_a_host_without_pacemaker() -> None:
     root = ET.fromstring((DATA / "crm_mon_not_running.xml").read_text())
-    assert "Connection to cluster failed" in status.crm_mon_error(root)
-    assert status.cluster_dc(root) is None
+    assert "Connection to cluster failed" in pacemaker.crm_mon_error(root)
+    assert pacemaker.cluster_dc(root) is None
 
 
 def test_probe_command_runs_in_a_real_shell_and_reads_failures(inv) -> None:
@@ -148,7 +148,7 @@ def _wait_for(cluster, exit_code: int, limit_s: float, also=lambda report: True)
 def test_healthy_cluster_matches_crm_mon_and_the_nodes(cluster) -> None:
     report = _wait_for(cluster, 0, 60)
     assert report["health"] == "healthy" and report["problems"] == []
-    placement = verify.parse_crm_mon(_exec(cluster, "n1", "crm_mon", "-1", "--output-as=xml"))
+    placement = pacemaker.parse_crm_mon(_exec(cluster, "n1", "crm_mon", "-1", "--output-as=xml"))
     assert report["placement"]["running"] == placement.running
     assert sorted(report["placement"]["online"]) == sorted(n.name for n in cluster.inv.nodes)
     for host in report["hosts"]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from click.testing import CliRunner
 
 from conftest import require, require_tool
 from congressctl.cli import main
+from congressctl.errors import ToolFailedError
 from congressctl.inventory import generate, load_inventory, parse_inventory
 from congressctl import verify
 from congressctl.render import render_all, render_cib
@@ -107,3 +110,48 @@ def test_validate_command_runs_the_tools(tmp_path: Path) -> None:
     rows = yaml.safe_load(result.stdout)
     assert {r["check"] for r in rows} >= {"inventory", "corosync -t", "haproxy -c", "crm_verify", "crm_simulate"}
     assert all(r["ok"] for r in rows)
+
+
+def _my_namespaces() -> list[Path]:
+    return list(Path("/run/netns").glob(f"cctl-check-{os.getpid()}-*"))
+
+
+def _errors(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("error:")]
+
+
+def test_a_tool_failing_on_its_own_is_a_named_error_not_a_refused_file(tmp_path: Path) -> None:
+    inv = _inv(tmp_path, SHAPES["2-nodes"])
+    conf = next(f.content for f in render_all(inv)["n1"] if f.name == "corosync.conf")
+    with pytest.raises(ToolFailedError) as raised:
+        verify.check_corosync(conf, "not-an-address", "n1")   # `ip addr add` refuses it
+    assert re.fullmatch(r"`ip -n cctl-check-\d+-\d+ addr add not-an-address/32 dev lo` failed \(exit 1\): "
+                        r"Error: any valid prefix is expected rather than \"not-an-address/32\"\.", str(raised.value))
+    assert raised.value.exit_code == 2
+    assert not _my_namespaces()
+
+
+def test_validate_reports_a_failed_tool_in_one_line_and_exits_2(monkeypatch) -> None:
+    """A namespace of the check's name already exists, so `ip netns add` really fails."""
+    monkeypatch.setattr(verify, "_netns_serial", itertools.count(900_000))
+    taken = f"cctl-check-{os.getpid()}-900000"
+    subprocess.run(["ip", "netns", "add", taken], check=True)
+    try:
+        result = CliRunner().invoke(main, ["validate", "-i", str(EXAMPLE)])
+    finally:
+        subprocess.run(["ip", "netns", "del", taken], capture_output=True)
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    assert _errors(result.output) == [f"error: `ip netns add {taken}` failed (exit 1): Cannot create namespace "
+                                      f'file "/run/netns/{taken}": File exists'], result.output
+    assert "Traceback" not in result.output
+
+
+def test_validate_reports_a_tool_out_of_time_in_one_line_and_exits_2(monkeypatch) -> None:
+    monkeypatch.setattr(verify, "TOOL_TIMEOUT_S", 1e-6)
+    result = CliRunner().invoke(main, ["validate", "-i", str(EXAMPLE)])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    errors = _errors(result.output)
+    assert len(errors) == 1 and re.fullmatch(r"error: `ip netns add cctl-check-\d+-\d+` did not finish within "
+                                             r"1e-06 s \(killed\)", errors[0]), result.output
+    assert "Traceback" not in result.output
+    assert not _my_namespaces()

@@ -8,17 +8,16 @@ import logging
 import uvloop
 
 from congressctl.errors import NodeConfigError
+from congressctl.inventory import SERVED_ROLES
 from congressctl.node.config import NodeConfig, load_node_config
-
-ROLES = ("api-pe", "dsd")
 
 log = logging.getLogger("congressctl.node")
 
 
 def serve(role: str, config_path: str) -> int:
     """Run one node process until SIGTERM; returns the process exit code (blocking)."""
-    if role not in ROLES:
-        raise NodeConfigError(f"unknown role {role!r}; use one of {', '.join(ROLES)}", field="role")
+    if role not in SERVED_ROLES:
+        raise NodeConfigError(f"unknown role {role!r}; use one of {', '.join(SERVED_ROLES)}", field="role")
     cfg = load_node_config(config_path)
     from congressctl.node.runtime import setup_logging
     setup_logging(cfg.node_id, role, cfg.paths.log_dir)
@@ -34,4 +33,4 @@ async def _run(role: str, cfg: NodeConfig) -> int:
     return await ApiPeNode(cfg).run()
 
 
-__all__ = ["serve", "load_node_config", "NodeConfig", "ROLES"]
+__all__ = ["serve", "load_node_config", "NodeConfig"]

@@ -6,7 +6,8 @@ import argparse
 import sys
 
 from congressctl.errors import CongressctlError
-from congressctl.node import ROLES, serve
+from congressctl.inventory import SERVED_ROLES
+from congressctl.node import serve
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -14,7 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     if args[:1] == ["serve"]:
         args = args[1:]
     parser = argparse.ArgumentParser(prog="python -m congressctl.node")
-    parser.add_argument("role", choices=ROLES)
+    parser.add_argument("role", choices=SERVED_ROLES)
     parser.add_argument("--config", required=True)
     ns = parser.parse_args(args)
     try:

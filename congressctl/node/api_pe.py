@@ -43,6 +43,12 @@ BUS_AGE_HEADER = "X-Congress-Bus-Age"
 # A bus failover (promote a replica, move the bus address) takes a few seconds; a node whose bus stays away
 # longer leaves HAProxy's pool (its /healthz answers 503).
 BUS_OUTAGE_GRACE_S = 10.0
+# The v1 API's date as Congress publishes it (congress/api/versions.py): this node serves that same v1, and
+# python-congressclient's `congress version list` shows the date.
+V1_UPDATED = "2013-08-12T17:42:13Z"
+# Congress has no per-tenant policies: its engine creates every policy with owner "user", and
+# python-congressclient's `congress policy list` shows the column.
+POLICY_OWNER = "user"
 
 
 class ApiError(Exception):
@@ -76,6 +82,11 @@ async def json_body(request: Request) -> Any:
         return await request.json()
     except ValueError:
         raise ApiError(400, "request body is not valid JSON") from None
+
+
+def _v1_version(request: Request) -> dict:
+    return {"id": "v1", "status": "CURRENT", "updated": V1_UPDATED,
+            "links": [{"rel": "self", "href": str(request.url_for("v1"))}]}
 
 
 def public_rule(rule: dict) -> dict:
@@ -122,13 +133,11 @@ class Api:
     # -- root, health, status -------------------------------------------------------------------------
     async def root(self, request: Request) -> Response:
         """Version document of the v1 API."""
-        return JSONResponse({"id": "v1", "status": "CURRENT", "updated": "2013-08-12T17:42:13Z",
-                             "links": [{"rel": "self", "href": str(request.url_for("v1"))}]})
+        return JSONResponse(_v1_version(request))
 
     async def versions(self, request: Request) -> Response:
         """List of API versions."""
-        return JSONResponse({"versions": [{"id": "v1", "status": "CURRENT", "updated": "2013-08-12T17:42:13Z",
-                                           "links": [{"rel": "self", "href": str(request.url_for("v1"))}]}]})
+        return JSONResponse({"versions": [_v1_version(request)]})
 
     async def healthz(self, request: Request) -> Response:
         """200 when the bus is reachable and the PE is synced, else 503 (used by HAProxy)."""
@@ -164,7 +173,7 @@ class Api:
         if self.pe.datasource(name) is not None:
             raise ApiError(409, f"name {name!r} is already used by a datasource")
         policy = {"id": str(uuid.uuid4()), "name": name, "description": str(body.get("description") or ""),
-                  "kind": kind, "abbreviation": str(body.get("abbreviation") or name[:5]), "owner_id": "user"}
+                  "kind": kind, "abbreviation": str(body.get("abbreviation") or name[:5]), "owner_id": POLICY_OWNER}
         if not await self.store.create_policy(policy):
             raise ApiError(409, f"policy {name!r} already exists")
         try:
@@ -357,8 +366,7 @@ class Api:
                              "number_of_updates": reported.get("number_of_updates", 0),
                              "last_error": reported.get("last_error"),
                              "actions_executed": reported.get("actions_executed", 0),
-                             "actions_failed": reported.get("actions_failed", 0),
-                             "subscriptions": [], "subscribers": [], "tables": tables})
+                             "actions_failed": reported.get("actions_failed", 0), "tables": tables})
 
     # -- app ------------------------------------------------------------------------------------------
     def routes(self) -> list[Route]:

@@ -11,8 +11,7 @@ from typing import Any
 import yaml
 
 from congressctl.errors import NodeConfigError
-
-ROLES = ("api-pe", "dsd", "bus")
+from congressctl.inventory import ROLES
 
 
 @dataclass
@@ -33,7 +32,7 @@ class BusConfig:
 
 
 @dataclass
-class Timings:
+class NodeTimings:
     heartbeat_interval_ms: int = 200
     peer_timeout_ms: int = 1000
     full_sync_interval_s: float = 30.0
@@ -68,7 +67,7 @@ class NodeConfig:
     roles: list[str]
     api: ApiConfig
     bus: BusConfig
-    timings: Timings
+    timings: NodeTimings
     paths: Paths
     test_hooks: TestHooks
     file: str = ""
@@ -156,7 +155,7 @@ def load_node_config(path: str | os.PathLike) -> NodeConfig:
         raise _fail(path, "bus.sync_replicas", "must be 0 or more")
     bus.password = _read_password(bus.password_file, path)
     t_s = _section(doc, "timings", path)
-    timings = Timings(
+    timings = NodeTimings(
         heartbeat_interval_ms=_typed(t_s, "heartbeat_interval_ms", int, 200, path, "timings"),
         peer_timeout_ms=_typed(t_s, "peer_timeout_ms", int, 1000, path, "timings"),
         full_sync_interval_s=_typed(t_s, "full_sync_interval_s", float, 30.0, path, "timings"),

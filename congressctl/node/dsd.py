@@ -6,7 +6,7 @@ starts the epoch with a full publication (seq 1) and each later change is a diff
 the store's (it was paused and replaced) is refused by that script, or sees the newer epoch within about a
 second (fence loop), and stops itself with exit code 1.
 
-Actions, exactly once (DESIGN section 3). Every PE sends a request for every action it derives, carrying a
+Actions, exactly once (docs/ARCHITECTURE.md section 3). Every PE sends a request for every action it derives, carrying a
 deterministic action id. `Leadership` (pure, no I/O) decides: the DSD's leader is the first PE it hears
 from; its requests run unless their id already ran; other PEs' requests are kept for `buffer_s` (>= 2 x
 peer_timeout + 1 s). When the leader's heartbeats stop for peer_timeout, the longest-known live PE becomes

@@ -1,0 +1,169 @@
+"""Pacemaker on a live cluster: its tools run over an SSH connection, and the reading of their XML.
+
+Two sections, after pcs's lib/pacemaker/live.py (running the tools) and state.py (reading what they print).
+Placement is read from `crm_mon --output-as=xml`, never from its human output; the same reading serves the
+simulated clusters of verify.py.
+"""
+
+from __future__ import annotations
+
+import shlex
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+
+from congressctl import remote
+from congressctl.inventory import Inventory
+
+CRM_MON = "crm_mon -1 --output-as=xml"
+
+
+@dataclass
+class Placement:
+    """Where each resource runs, which nodes are online and whether the cluster has quorum."""
+
+    running: dict[str, list[str]] = field(default_factory=dict)
+    promoted: dict[str, list[str]] = field(default_factory=dict)
+    stopped: list[str] = field(default_factory=list)     # resource instances not active (id per instance)
+    failed: list[str] = field(default_factory=list)
+    online: list[str] = field(default_factory=list)
+    offline: list[str] = field(default_factory=list)
+    quorum: bool = False
+
+    def on(self, resource: str) -> list[str]:
+        return self.running.get(resource, [])
+
+
+@dataclass
+class HostView:
+    """One host's own crm_mon: the cluster as that host sees it and its DC, or the error crm_mon reported."""
+
+    placement: Placement | None = None
+    dc: str | None = None
+    error: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------- live tools
+
+
+def crm_mon_xml(conn: remote.Connection, timeout: float = 20) -> str | None:
+    """crm_mon's XML on the connected host, or None when it failed or printed nothing."""
+    proc = conn.run(CRM_MON, timeout=timeout, check=False)
+    if proc.exit_code != 0 or not proc.stdout.strip():
+        return None
+    return proc.stdout
+
+
+def cluster_placement(conn: remote.Connection) -> Placement | None:
+    xml_text = crm_mon_xml(conn)
+    return parse_crm_mon(xml_text) if xml_text is not None else None
+
+
+def query_resources(conn: remote.Connection) -> remote.CommandResult:
+    """The CIB's resources section (exit code not checked: the CIB may not be up yet)."""
+    return conn.run("cibadmin --query --scope resources", timeout=20, check=False)
+
+
+def replace_configuration(conn: remote.Connection, cib: bytes) -> None:
+    """Replace the live CIB's configuration section with the one of `cib`, leaving its status alone."""
+    configuration = ET.tostring(ET.fromstring(cib).find("configuration"), encoding="unicode")
+    conn.run("cibadmin --replace --scope configuration --xml-pipe", timeout=60, input=configuration)
+
+
+def restart_resource(conn: remote.Connection, resource: str) -> bool:
+    proc = conn.run(f"crm_resource --resource {shlex.quote(resource)} --restart --timeout=60s",
+                    timeout=90, check=False)
+    return proc.exit_code == 0
+
+
+def cleanup(conn: remote.Connection) -> None:
+    """Forget every failure Pacemaker counted."""
+    conn.run("crm_resource --cleanup --quiet >/dev/null 2>&1 || true", timeout=60)
+
+
+# ---------------------------------------------------------------------------------------------- reading XML
+
+
+def parse_crm_mon(xml_text: str) -> Placement:
+    """Resource placement from `crm_mon --output-as=xml` (real or simulated)."""
+    root = ET.fromstring(xml_text)
+    placement = Placement()
+    for node in root.iter("node"):
+        if node.get("online") is not None and node.get("type") == "member":
+            (placement.online if node.get("online") == "true" else placement.offline).append(node.get("name"))
+    dc = root.find("summary/current_dc")
+    placement.quorum = dc is not None and dc.get("with_quorum") == "true"
+    resources = root.find("resources")
+    for res in resources.iter("resource") if resources is not None else []:
+        if res.get("failed") == "true":
+            placement.failed.append(res.get("id"))
+        if res.get("active") != "true" or res.get("failed") == "true":
+            placement.stopped.append(res.get("id"))
+            continue
+        nodes = [n.get("name") for n in res.findall("node")]
+        placement.running.setdefault(res.get("id"), []).extend(nodes)
+        if res.get("role") in ("Promoted", "Master"):
+            placement.promoted.setdefault(res.get("id"), []).extend(nodes)
+    for table in (placement.running, placement.promoted):
+        for rid in table:
+            table[rid] = sorted(table[rid])
+    return placement
+
+
+def read_host_view(xml_text: str, exit_code: int) -> HostView | None:
+    """A host's crm_mon output read; None when it is not XML at all (then only its stderr can tell why)."""
+    try:
+        root = ET.fromstring(xml_text)
+    except ET.ParseError:
+        return None
+    if exit_code != 0 or root.find("summary") is None:
+        return HostView(error=crm_mon_error(root) or f"crm_mon exited {exit_code}")
+    return HostView(placement=parse_crm_mon(xml_text), dc=cluster_dc(root))
+
+
+def cluster_dc(root: ET.Element) -> str | None:
+    """The designated controller named in crm_mon's XML (None when there is none)."""
+    dc = root.find("summary/current_dc")
+    return dc.get("name") if dc is not None and dc.get("present") == "true" else None
+
+
+def crm_mon_error(root: ET.Element) -> str | None:
+    """The error crm_mon reports in its XML <status> (e.g. the cluster is not running on this host)."""
+    status = root.find("status")
+    if status is None:
+        return None
+    errors = [e.text.strip() for e in status.iter("error") if e.text and e.text.strip()]
+    return "; ".join(errors) or status.get("message")
+
+
+def failed_operations(xml_text: str) -> list[tuple[str | None, str]]:
+    """(node, op_key) of every failed operation crm_mon's XML records (its <failure> elements)."""
+    return [(f.get("node"), f.get("op_key") or "") for f in ET.fromstring(xml_text).iter("failure")]
+
+
+def node_list(nodes: list[str]) -> str:
+    return ", ".join(nodes) or "nowhere"
+
+
+def placement_problems(inv: Inventory, placement: Placement) -> list[str]:
+    """What differs from a healthy cluster: every resource where the design puts it. Empty when healthy."""
+    problems = []
+    if placement.offline:
+        problems.append(f"nodes offline: {node_list(placement.offline)}")
+    if placement.failed:
+        problems.append(f"failed resources: {node_list(sorted(set(placement.failed)))}")
+    if len(placement.on("dsd")) != 1 or placement.on("dsd")[0] not in inv.dsd_preference:
+        problems.append(f"DSD on {node_list(placement.on('dsd'))}, expected exactly one of "
+                        f"{node_list(inv.dsd_preference)}")
+    api_nodes = sorted(n.name for n in inv.with_role("api-pe"))
+    if placement.on("api-pe") != api_nodes:
+        problems.append(f"api-pe on {node_list(placement.on('api-pe'))}, expected {node_list(api_nodes)}")
+    if len(placement.on("vip")) != 1 or placement.on("vip") != placement.on("haproxy"):
+        problems.append(f"VIP on {node_list(placement.on('vip'))} and HAProxy on "
+                        f"{node_list(placement.on('haproxy'))}: expected one node, together")
+    bus_nodes = sorted(n.name for n in inv.with_role("bus"))
+    if len(bus_nodes) == 1 and placement.on("bus") != bus_nodes:
+        problems.append(f"bus on {node_list(placement.on('bus'))}, expected {bus_nodes[0]}")
+    promoted = placement.promoted.get("bus", [])
+    if len(bus_nodes) > 1 and (len(promoted) != 1 or placement.on("bus-vip") != promoted):
+        problems.append(f"bus promoted on {node_list(promoted)}, bus VIP on {node_list(placement.on('bus-vip'))}")
+    return problems
