@@ -326,6 +326,8 @@ def _show_status(report) -> None:
            "note": "" if n.expected else "not placed here any more"} for n in report.nodes],
          "table", title="congress nodes",
          columns=["node", "role", "incarnation", "heartbeat ms", "alive", "synced", "healthy", "note"])
+    if report.bus is not None:
+        _show_bus(report.bus)
     if report.dsd is not None:
         _show_dsd(report.dsd)
     api = report.api
@@ -335,6 +337,15 @@ def _show_status(report) -> None:
     out.print(f"[bold {colour}]{report.health}[/] ({report.duration_s:.2f}s)", highlight=False)
     for problem in report.problems:
         out.print(f"[{colour}]problem:[/] {escape(problem)}", highlight=False)
+
+
+def _show_bus(bus) -> None:
+    replicated = "yes" if bus.replicated else "NO"
+    emit([{"node": n.node, "role": n.role or "?", "link": n.link, "offset": n.offset, "lag bytes": n.lag_bytes,
+           "error": n.error} for n in bus.nodes], "table",
+         title=f"bus: promoted {', '.join(bus.promoted) or 'none'}; writes replicated: {replicated} "
+               f"({bus.in_sync} in sync, {bus.sync_replicas} required)",
+         columns=["node", "role", "link", "offset", "lag bytes", "error"])
 
 
 def _show_dsd(dsd) -> None:

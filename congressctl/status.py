@@ -27,6 +27,9 @@ from congressctl.errors import RemoteError, StatusError
 from congressctl.inventory import Inventory, Node
 
 HAPROXY_SOCKET = "/run/haproxy/admin.sock"
+BUS_PASSWORD_FILE = "/etc/congressctl/bus.password"
+# redis.conf's min-replicas-max-lag: a replica acknowledging less often is not in sync
+REPLICA_MAX_LAG_S = 2
 API_TIMEOUT_S = 2.0
 PROBE_TIMEOUT_S = 3.0
 MAX_WORKERS = 16
@@ -130,6 +133,32 @@ class ApiStatus:
 
 
 @dataclass
+class BusNodeStatus:
+    """One bus node's Redis as its own `INFO replication` says (asked on its host): role master or replica,
+    a replica's link to its master, its replication offset and how far it is behind the master's."""
+
+    node: str
+    role: str | None = None
+    link: str | None = None
+    offset: int | None = None
+    lag_bytes: int | None = None
+    in_sync: int | None = None     # a master's: the replicas it counts as good
+    error: str | None = None
+
+
+@dataclass
+class BusStatus:
+    """The control bus: which Redis is promoted, and whether writes are replicated (`in_sync` replicas within
+    the master's allowed lag, against the `sync_replicas` every write waits for)."""
+
+    promoted: list[str]
+    sync_replicas: int
+    in_sync: int
+    replicated: bool
+    nodes: list[BusNodeStatus]
+
+
+@dataclass
 class StatusReport:
     """healthy (exit 0); degraded (1): something is down but the API through the VIP answers healthy;
     unavailable (2): it does not, or no host could be reached."""
@@ -143,6 +172,7 @@ class StatusReport:
     api: ApiStatus
     placement: pacemaker.Placement | None
     duration_s: float
+    bus: BusStatus | None = None
 
     def to_dict(self) -> dict:
         """JSON-able, with the same keys as the dataclasses' fields."""
@@ -165,6 +195,7 @@ class HostSample:
     host: HostStatus
     view: pacemaker.Placement | None = None
     api: dict | None = None
+    bus: BusNodeStatus | None = None
 
 
 # ---------------------------------------------------------------------------------------------- gather
@@ -205,7 +236,7 @@ def _unprefixed(error: str | None, node: Node) -> str:
 def _sample_host(inv: Inventory, node: Node, accept_new: bool, timeout: float) -> HostSample:
     token = secrets.token_hex(8)
     budget = min(PROBE_TIMEOUT_S, timeout)
-    command = probe_command(token, _api_url(inv, node), budget)
+    command = probe_command(token, _api_url(inv, node), budget, bus=_bus_probe(inv, node, budget))
     with remote.Connection(remote.host_of(inv, node), remote.known_hosts_of(inv), accept_new=accept_new,
                            connect_timeout=timeout, io_timeout=timeout) as conn:
         try:
@@ -220,6 +251,15 @@ def _api_url(inv: Inventory, node: Node) -> str | None:
     return f"http://{node.address}:{inv.api_port}/v1/status" if node.has("api-pe") else None
 
 
+def _bus_probe(inv: Inventory, node: Node, budget: float) -> str | None:
+    """`INFO replication` of the host's own Redis, with the password from its 0600 file (never on a command
+    line, where `ps` would show it)."""
+    if not node.has("bus"):
+        return None
+    return (f'REDISCLI_AUTH="$(cat {BUS_PASSWORD_FILE})" timeout {budget:g} redis-cli --no-auth-warning '
+            f"-h {shlex.quote(node.address)} -p {inv.bus.port} INFO replication")
+
+
 def read_sample(inv: Inventory, node: Node, stdout: str, token: str) -> HostSample:
     """What one host's `probe_command` printed, read into a sample of a reachable host."""
     probes = parse_probes(stdout, token)
@@ -228,10 +268,12 @@ def read_sample(inv: Inventory, node: Node, stdout: str, token: str) -> HostSamp
     _read_haproxy(sample.host, probes.get("haproxy"))
     if _api_url(inv, node):
         _read_api(sample, probes.get("api"))
+    if "bus" in probes:
+        sample.bus = read_bus_node(node.name, probes["bus"])
     return sample
 
 
-def probe_command(token: str, api_url: str | None, budget: float) -> str:
+def probe_command(token: str, api_url: str | None, budget: float, *, bus: str | None = None) -> str:
     """One POSIX shell command: run the probes in parallel, then print each one's exit status, stdout and
     stderr between lines `@@TOKEN NAME rc=N` and `@@TOKEN NAME stderr`."""
     probes = {
@@ -244,6 +286,8 @@ def probe_command(token: str, api_url: str | None, budget: float) -> str:
     }
     if api_url:
         probes["api"] = f"curl -sS -m {min(API_TIMEOUT_S, budget):g} {shlex.quote(api_url)}"
+    if bus:
+        probes["bus"] = bus
     lines = ['d=$(mktemp -d) || exit 1', "trap 'rm -rf \"$d\"' EXIT"]
     for name, command in probes.items():
         lines.append(f'(sh -c {shlex.quote(command)} >"$d/{name}.out" 2>"$d/{name}.err"; '
@@ -332,6 +376,41 @@ def _read_api(sample: HostSample, probe: HostProbe | None) -> None:
     sample.api = data
 
 
+def read_bus_node(name: str, probe: HostProbe) -> BusNodeStatus:
+    """One bus node from its `INFO replication` text."""
+    status = BusNodeStatus(node=name)
+    if probe.rc != 0 or "role:" not in probe.out:
+        status.error = _last_line(probe.err or probe.out) or f"redis-cli exited {probe.rc}"
+        return status
+    info = parse_info(probe.out)
+    status.role = "master" if info.get("role") == "master" else "replica"
+    status.link = info.get("master_link_status")
+    offset = info.get("master_repl_offset" if status.role == "master" else "slave_repl_offset")
+    status.offset = int(offset) if offset and offset.lstrip("-").isdigit() else None
+    if status.role == "master":
+        status.in_sync = _replicas_in_sync(info)
+    return status
+
+
+def parse_info(text: str) -> dict[str, str]:
+    """`key:value` lines of a Redis INFO answer."""
+    return dict(line.split(":", 1) for line in text.replace("\r", "").splitlines() if ":" in line
+                and not line.startswith("#"))
+
+
+def _replicas_in_sync(info: dict[str, str]) -> int:
+    """Replicas a master counts as good (online, acknowledged within min-replicas-max-lag): its own
+    min_slaves_good_slaves when min-replicas-to-write is set, else those online with lag within REPLICA_MAX_LAG_S."""
+    if "min_slaves_good_slaves" in info:
+        return int(info["min_slaves_good_slaves"])
+    good = 0
+    for key, value in info.items():
+        if re.fullmatch(r"slave\d+", key):
+            fields = dict(kv.split("=", 1) for kv in value.split(",") if "=" in kv)
+            good += fields.get("state") == "online" and int(fields.get("lag", "99")) <= REPLICA_MAX_LAG_S
+    return good
+
+
 def _last_line(text: str) -> str:
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
     return lines[-1] if lines else ""
@@ -383,8 +462,10 @@ def assess(inv: Inventory, samples: list[HostSample], api: ApiStatus, duration_s
     statuses = {s.host.name: s.api for s in samples if s.api is not None}
     nodes = _node_statuses(inv, statuses, view)
     dsd = _dsd_status(statuses, view)
+    bus = bus_status(inv, [s.bus for s in samples if s.bus is not None])
     problems = (_host_problems(hosts, view) + _placement_problems(inv, view) + _haproxy_problems(hosts, view)
-                + _api_pe_problems(inv, samples) + _node_problems(nodes, statuses) + _dsd_problems(dsd, statuses))
+                + _api_pe_problems(inv, samples) + _node_problems(nodes, statuses) + _dsd_problems(dsd, statuses)
+                + bus_problems(bus))
     if not api.ok:
         problems.append(f"API through the VIP {api.url}: {api.error}")
     if not api.ok or not any(h.reachable for h in hosts):
@@ -392,7 +473,33 @@ def assess(inv: Inventory, samples: list[HostSample], api: ApiStatus, duration_s
     else:
         health = "degraded" if problems else "healthy"
     return StatusReport(health=health, exit_code=HEALTH_EXIT[health], problems=problems, hosts=hosts, nodes=nodes,
-                        dsd=dsd, api=api, placement=view, duration_s=round(duration_s, 3))
+                        dsd=dsd, api=api, placement=view, duration_s=round(duration_s, 3), bus=bus)
+
+
+def bus_status(inv: Inventory, nodes: list[BusNodeStatus]) -> BusStatus:
+    """The bus from its nodes' own answers: lag is measured against the promoted one's offset."""
+    masters = [n for n in nodes if n.role == "master"]
+    top = masters[0].offset if len(masters) == 1 else None
+    for node in nodes:
+        if top is not None and node.offset is not None:
+            node.lag_bytes = max(0, top - node.offset)
+    in_sync = (masters[0].in_sync or 0) if len(masters) == 1 else 0
+    return BusStatus(promoted=[m.node for m in masters], sync_replicas=inv.bus.sync_replicas, in_sync=in_sync,
+                     replicated=len(masters) == 1 and in_sync >= inv.bus.sync_replicas, nodes=nodes)
+
+
+def bus_problems(bus: BusStatus) -> list[str]:
+    problems = [f"bus on {n.node}: {n.error}" for n in bus.nodes if n.error]
+    if not bus.promoted:
+        problems.append("no bus node is promoted: the bus takes no writes")
+    elif len(bus.promoted) > 1:
+        problems.append(f"more than one bus master ({', '.join(bus.promoted)}): split brain")
+    elif not bus.replicated:
+        problems.append(f"bus writes are not replicated: {bus.in_sync} replica(s) in sync on {bus.promoted[0]}, "
+                        f"every write waits for {bus.sync_replicas} (they answer 503 meanwhile)")
+    problems += [f"bus replica on {n.node}: link to its master is {n.link}" for n in bus.nodes
+                 if n.role == "replica" and n.link != "up"]
+    return problems
 
 
 def _trusted_view(samples: list[HostSample]) -> pacemaker.Placement | None:

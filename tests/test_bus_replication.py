@@ -7,8 +7,10 @@ a master whose replica is gone refuses writes (min-replicas-to-write), so nothin
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 import signal
+import subprocess
 import time
 
 import httpx
@@ -181,3 +183,36 @@ def test_a_stored_policy_the_engine_refuses_does_not_stop_a_resyncing_node(node_
     assert node.alive()
     assert node.get("/v1/policies/good")[0] == 200
     assert node.get("/healthz")[0] == 200
+
+
+def _info_probe(server: RedisServer) -> "HostProbe":
+    from congressctl.status import HostProbe
+    proc = subprocess.run(["redis-cli", "--no-auth-warning", "-h", server.host, "-p", str(server.port), "INFO",
+                           "replication"], capture_output=True, text=True, timeout=10,
+                          env={**os.environ, "REDISCLI_AUTH": server.password})
+    return HostProbe(rc=proc.returncode, out=proc.stdout, err=proc.stderr)
+
+
+def test_status_reads_the_bus_from_real_info_replication(master, replica, inv_with_bus) -> None:
+    from congressctl import status
+    nodes = [status.read_bus_node("m", _info_probe(master)), status.read_bus_node("r", _info_probe(replica))]
+    bus = status.bus_status(inv_with_bus, nodes)
+    assert bus.promoted == ["m"] and bus.in_sync == 1 and bus.replicated
+    assert nodes[1].role == "replica" and nodes[1].link == "up" and nodes[1].lag_bytes == 0
+    assert status.bus_problems(bus) == []
+
+    replica.stop()
+    wait_for(lambda: master.client().info("replication").get("min_slaves_good_slaves", 1) == 0, 20,
+             what="the master counting no good replica")
+    stopped = status.read_bus_node("r", _info_probe(replica))
+    bus = status.bus_status(inv_with_bus, [status.read_bus_node("m", _info_probe(master)), stopped])
+    assert not bus.replicated and stopped.error
+    problems = status.bus_problems(bus)
+    assert any("bus writes are not replicated: 0 replica(s) in sync on m" in p for p in problems)
+
+
+@pytest.fixture
+def inv_with_bus(tmp_path):
+    import yaml
+    from congressctl.inventory import generate, parse_inventory
+    return parse_inventory(yaml.safe_dump(generate(3, bus=3)), tmp_path / "inv.yaml")
