@@ -28,6 +28,8 @@ SAFE_TEXT = re.compile(r"^[A-Za-z0-9_.,:/@%+=-]+$")
 NO_QUORUM_POLICIES = ("stop", "freeze", "ignore", "demote", "suicide")
 RESERVED_PORTS = {5404: "corosync", 5405: "corosync (knet)", 5406: "corosync", 2224: "pcsd"}
 COROSYNC_MEMBER_LIMIT = 32
+# Three bus nodes by default: the bus survives the loss of any one host, and a write waits for one replica.
+DEFAULT_BUS_NODES = 3
 FIRST_HOST_OCTET = 11   # generated inventories (and the lab) number hosts <subnet>.11, .12, ...
 
 
@@ -637,14 +639,15 @@ def _add_warnings(inv: Inventory) -> None:
         inv.warnings.append("a single node gives no high availability")
 
 
-def generate(nodes: int, *, cluster: str = "gen", subnet: str = "10.213.0", dsd: int = 3, bus: int = 1,
+def generate(nodes: int, *, cluster: str = "gen", subnet: str = "10.213.0", dsd: int = 3, bus: int | None = None,
              api_pe: int | None = None, sched_rr: bool = True, vip: str | None = None,
              dsd_preference: list[str] | None = None, ssh: dict | None = None) -> dict:
     """A valid inventory as plain data: `nodes` hosts at <subnet>.11.., the first `dsd` allowed to run the
-    DSD (preferred in that order unless `dsd_preference` says otherwise), the first `bus` carrying the bus,
-    the last `api_pe` (default all) running api-pe, the VIP at <subnet>.250 unless given. For tests, the
-    benchmark and the lab."""
+    DSD (preferred in that order unless `dsd_preference` says otherwise), the first `bus` carrying the bus
+    (default three, or both of two: a replicated bus behind its own VIP at <subnet>.251), the last `api_pe`
+    (default all) running api-pe, the VIP at <subnet>.250 unless given. For tests, the benchmark and the lab."""
     api_pe = nodes if api_pe is None else api_pe
+    bus = min(DEFAULT_BUS_NODES, nodes) if bus is None else bus
     names = [f"n{i + 1}" for i in range(nodes)]
     hosts = []
     for i, name in enumerate(names):

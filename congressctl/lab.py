@@ -417,7 +417,8 @@ def corosync_realtime(hosts: int, cores: int | None = None) -> bool:
 
 
 def _inventory(lab: Lab) -> dict:
-    """n1 carries the one bus; the DSD prefers the other hosts, so losing one host never takes both."""
+    """The default layout: the first three hosts carry the replicated bus (behind its own VIP), the DSD prefers
+    n2 and n3, and the CIB keeps the promoted Redis, the DSD and the API VIP apart where it can."""
     names = [h.name for h in lab.hosts]
     return generate(len(lab.hosts), cluster=lab.name, subnet=lab.subnet.rsplit(".", 1)[0], vip=lab.vip,
                     dsd_preference=names[1:3] + names[:1], sched_rr=corosync_realtime(len(lab.hosts)),
