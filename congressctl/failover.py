@@ -25,6 +25,7 @@ import httpx
 from congressctl import deploy, remote, status, timeline, verify
 from congressctl.errors import CongressctlError, FailoverError
 from congressctl.inventory import Inventory, Node
+from congressctl.payloads import ApiPeStatus, DsdView
 from congressctl.timeline import Event
 
 WINDOW = 5
@@ -345,21 +346,20 @@ class Watcher:
 
     def _sample(self, client: httpx.Client, url: str) -> None:
         try:
-            body = client.get(f"{url}/v1/status").json()
-        except (httpx.HTTPError, ValueError):
+            dsd = ApiPeStatus.from_dict(client.get(f"{url}/v1/status").json()).dsd
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
             return
-        dsd = body.get("dsd") or {}
-        if not dsd.get("node") or not dsd.get("leader") or (dsd.get("age_ms") or 0) > 1000:
+        if dsd is None or not dsd.node or not dsd.leader or (dsd.age_ms or 0) > 1000:
             return
         seen = self.rec.now()
-        leader = (dsd["leader"]["node"], dsd["leader"]["inc"])
+        leader = (dsd.leader.node, dsd.leader.inc)
         if leader != self.leader:
-            stamped = dsd.get("leader_since")
+            stamped = dsd.leader_since
             self.leader_changes.append((seen, leader, None if stamped is None else stamped - self.rec.wall0))
             if self.leader is not None:
                 self.rec.add("leader", f"DSD leader -> {leader[0]}", t=seen)
             self.leader = leader
-        instance = (dsd["node"], dsd.get("incarnation"))
+        instance = (dsd.node, dsd.incarnation)
         if instance != self.dsd:
             self.dsd_changes.append((seen, instance))
             if self.dsd is not None:
@@ -393,20 +393,19 @@ class Cluster:
             raise FailoverError(f"{method} {path} through the VIP answered {resp.status_code}: {resp.text[:300]}")
         return resp.json() if resp.content else {}
 
-    def node_status(self, name: str) -> dict | None:
+    def node_status(self, name: str) -> ApiPeStatus | None:
         try:
             resp = self.client.get(f"{self.node_apis[name]}/v1/status", timeout=2.0)
-            return resp.json() if resp.status_code == 200 else None
-        except (httpx.HTTPError, ValueError):
+            return ApiPeStatus.from_dict(resp.json()) if resp.status_code == 200 else None
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
             return None
 
-    def dsd_view(self) -> dict:
+    def dsd_view(self) -> DsdView:
         """The DSD as the api-pe nodes see it: where it runs and which PE leads it."""
         for name in self.node_apis:
             body = self.node_status(name)
-            dsd = (body or {}).get("dsd")
-            if dsd and dsd.get("leader"):
-                return dsd
+            if body and body.dsd and body.dsd.leader:
+                return body.dsd
         raise FailoverError("no api-pe reports a DSD with a leader")
 
     def placement(self) -> dict[str, list[str]]:
@@ -506,7 +505,7 @@ class Fault:
 
 
 def _leader_node(cluster: Cluster) -> Node:
-    return cluster.inv.node(cluster.dsd_view()["leader"]["node"])
+    return cluster.inv.node(cluster.dsd_view().leader.node)
 
 
 def _node_limit(cluster: "Cluster", thresholds: Thresholds) -> float:
@@ -522,7 +521,7 @@ def _cut_seconds(cluster: "Cluster") -> float:
 def target_of(name: str, cluster: Cluster) -> Node:
     """The host a scenario will hit, chosen before the workload starts (the DSD's leader is sticky)."""
     if name in ("pe-leader-kill", "pe-leader-pause"):
-        return cluster.inv.node(cluster.dsd_view()["leader"]["node"])
+        return cluster.inv.node(cluster.dsd_view().leader.node)
     if name == "api-node-fail":
         return _api_victim(cluster)
     where = "dsd" if name == "dsd-node-fail" else "vip"
@@ -561,7 +560,7 @@ def _api_victim(cluster: Cluster) -> Node:
     """An api-pe host that is not holding the VIP; one that does not lead the DSD when there is a choice."""
     running = cluster.placement()
     vip = set(running.get("vip", []))
-    leader = cluster.dsd_view()["leader"]["node"]
+    leader = cluster.dsd_view().leader.node
     candidates = [n for n in cluster.inv.with_role("api-pe") if n.name not in vip]
     if not candidates:
         raise FailoverError("api-node-fail: every api-pe host holds the VIP; nothing to fail without the VIP")
@@ -720,8 +719,8 @@ def _recovered_at(fault: Fault, cluster: Cluster, workload: Workload, sink: Sink
         if not failed:
             return t_fault if rec.now() > t_fault + 2.0 and gets and gets[-1][1] else None
         return next((t for t, ok in gets if ok and t > failed[-1]), None)
-    body = cluster.node_status(fault.target)
-    return rec.now() if body and body.get("healthy") else None
+    answer = cluster.node_status(fault.target)
+    return rec.now() if answer and answer.healthy else None
 
 
 def _settle(cluster: Cluster, probe: Probe, source: list[list[int]], inv: Inventory, result: ScenarioResult) -> None:
