@@ -218,7 +218,7 @@ class Workload:
     process and is applied when it resumes would bring old rows back (each a new action) and hide what the
     scenario measures."""
 
-    def __init__(self, api: str, push_api: str, probe: "Probe", base: int, options: Options, rec: Recorder):
+    def __init__(self, api: str, push_api: str, probe: "ProbeSetup", base: int, options: Options, rec: Recorder):
         self.api, self.push_api, self.base = api, push_api, base
         self.datasource, self.policy = probe.datasource, probe.policy
         self.options, self.rec = options, rec
@@ -571,8 +571,8 @@ def _api_victim(cluster: Cluster) -> Node:
 # ------------------------------------------------------------------------------------------- one scenario
 
 
-class Probe:
-    """The probe datasource and policy made for a run, removed at the end."""
+class ProbeSetup:
+    """The probe datasource and the policy turning its rows into actions, made for a run, removed at the end."""
 
     def __init__(self, cluster: Cluster, sink: Sink):
         suffix = uuid.uuid4().hex[:8]
@@ -590,50 +590,63 @@ class Probe:
         self.cluster.call("DELETE", f"/v1/data-sources/{self.datasource}", expect=(200, 204, 404))
 
 
-def run_scenario(name: str, index: int, cluster: Cluster, probe: Probe, sink: Sink, thresholds: Thresholds,
-                 report_dir: Path | None) -> ScenarioResult:
-    options, inv = cluster.options, cluster.inv
+@dataclass
+class ScenarioRun:
+    """One scenario under way, from its fault on: what driving it to recovery and judging it share."""
+
+    cluster: Cluster
+    workload: Workload
+    watcher: Watcher
+    sink: Sink
+    sink_start: float     # monotonic; the sink's arrivals before it belong to earlier scenarios
+    rec: Recorder
+    fault: Fault
+    t_fault: float
+
+
+def run_scenario(name: str, index: int, cluster: Cluster, *, probe: ProbeSetup, sink: Sink,
+                 thresholds: Thresholds, report_dir: Path | None = None) -> ScenarioResult:
+    options = cluster.options
     result = ScenarioResult(name, DESCRIPTIONS[name])
     rec = Recorder()
-    base = (index + 1) * SCENARIO_SPAN
     sink_start = time.monotonic()
     target = target_of(name, cluster)
     result.target = target.name
     result.pushed_to = next(n for n in cluster.node_apis if n != target.name)
-    workload = Workload(cluster.api, cluster.node_apis[result.pushed_to], probe, base, options, rec)
+    workload = Workload(cluster.api, cluster.node_apis[result.pushed_to], probe, (index + 1) * SCENARIO_SPAN,
+                        options, rec)
     watcher = Watcher(cluster.node_apis, rec)
     watcher.start()
     workload.start()
     try:
         time.sleep(options.warmup_s)
         fault = inject(name, target, cluster, thresholds, rec)
-        t_fault = rec.first("fault")
-        recovered = _drive(fault, cluster, workload, sink, sink_start, rec, t_fault)
+        scenario = ScenarioRun(cluster, workload, watcher, sink, sink_start, rec, fault, rec.first("fault"))
+        recovered = _drive(scenario)
     finally:
         workload.stop()
         watcher.stop()
     last = workload.finish(cluster.client, time.monotonic() + 30)
-    _settle(cluster, probe, workload.window(last), inv, result)
-    _figures(result, fault, workload, watcher, sink.since(sink_start), rec, t_fault, recovered, base, thresholds, inv)
+    _settle(result, cluster, probe, source=workload.window(last))
+    _figures(result, scenario, recovered=recovered, thresholds=thresholds)
     if report_dir:
         _write_report(report_dir, result, rec, timings_summary(timings_of(cluster, thresholds)))
     return result
 
 
-def _drive(fault: Fault, cluster: Cluster, workload: Workload, sink: Sink, sink_start: float, rec: Recorder,
-           t_fault: float) -> float | None:
+def _drive(scenario: ScenarioRun) -> float | None:
     """Until recovered (or timed out), restored, and `after_s` of workload after recovery: poll and restore."""
-    watch = _PacemakerWatch(cluster, fault, rec) if fault.survivor else None
+    watch = _PacemakerWatch(scenario.cluster, scenario.fault, scenario.rec) if scenario.fault.survivor else None
     try:
-        return _drive_until_done(fault, cluster, workload, sink, sink_start, rec, t_fault, watch)
+        return _drive_until_done(scenario, watch)
     finally:
         if watch:
             watch.close()
 
 
-def _drive_until_done(fault: Fault, cluster: Cluster, workload: Workload, sink: Sink, sink_start: float,
-                      rec: Recorder, t_fault: float, watch: "_PacemakerWatch | None") -> float | None:
-    options = cluster.options
+def _drive_until_done(scenario: ScenarioRun, watch: "_PacemakerWatch | None") -> float | None:
+    fault, rec, t_fault = scenario.fault, scenario.rec, scenario.t_fault
+    options = scenario.cluster.options
     deadline = t_fault + options.recovery_timeout_s
     recovered = None
     while True:
@@ -644,7 +657,7 @@ def _drive_until_done(fault: Fault, cluster: Cluster, workload: Workload, sink: 
             fault.restore()
             fault.restore = None
         if recovered is None and now <= deadline:
-            recovered = _recovered_at(fault, cluster, workload, sink, sink_start, rec, t_fault)
+            recovered = _recovered_at(scenario)
             if recovered is not None:
                 rec.add("recovered", f"{fault.recovery} after {recovered - t_fault:.3f}s", t=recovered)
         settled = (recovered if recovered is not None else deadline) + options.after_s
@@ -702,11 +715,11 @@ class _PacemakerWatch:
         return None
 
 
-def _recovered_at(fault: Fault, cluster: Cluster, workload: Workload, sink: Sink, sink_start: float,
-                  rec: Recorder, t_fault: float) -> float | None:
+def _recovered_at(scenario: ScenarioRun) -> float | None:
+    fault, rec, t_fault = scenario.fault, scenario.rec, scenario.t_fault
     if fault.recovery == "first-action":
-        after_fault = {p.k for p in list(workload.pushes) if p.t > t_fault}
-        received = sink.since(sink_start)
+        after_fault = {p.k for p in list(scenario.workload.pushes) if p.t > t_fault}
+        received = scenario.sink.since(scenario.sink_start)
         before = [b.get("executor") for t, b in received if t - rec.t0 < t_fault]
         old_dsd = before[-1] if before and fault.new_dsd else None
         for t, body in received:
@@ -714,18 +727,18 @@ def _recovered_at(fault: Fault, cluster: Cluster, workload: Workload, sink: Sink
                 return t - rec.t0
         return None
     if fault.recovery == "api-back":
-        gets = sorted(list(workload.gets))
+        gets = sorted(list(scenario.workload.gets))
         failed = [t for t, ok in gets if not ok and t > t_fault]
         if not failed:
             return t_fault if rec.now() > t_fault + 2.0 and gets and gets[-1][1] else None
         return next((t for t, ok in gets if ok and t > failed[-1]), None)
-    answer = cluster.node_status(fault.target)
+    answer = scenario.cluster.node_status(fault.target)
     return rec.now() if answer and answer.healthy else None
 
 
-def _settle(cluster: Cluster, probe: Probe, source: list[list[int]], inv: Inventory, result: ScenarioResult) -> None:
+def _settle(result: ScenarioResult, cluster: Cluster, probe: ProbeSetup, *, source: list[list[int]]) -> None:
     """Wait for duplicates to show (the DSD's buffer window) and for every PE's table to equal the source."""
-    time.sleep(2 * inv.timings.peer_timeout_ms / 1000 + 1.0)
+    time.sleep(2 * cluster.inv.timings.peer_timeout_ms / 1000 + 1.0)
     deadline = time.monotonic() + 20
     want = sorted(source)
     while time.monotonic() < deadline:
@@ -739,9 +752,9 @@ def _settle(cluster: Cluster, probe: Probe, source: list[list[int]], inv: Invent
                                      if v != want))
 
 
-def _figures(result: ScenarioResult, fault: Fault, workload: Workload, watcher: Watcher,
-             received: list[tuple[float, dict]], rec: Recorder, t_fault: float, recovered: float | None, base: int,
-             thresholds: Thresholds, inv: Inventory) -> None:
+def _figures(result: ScenarioResult, scenario: ScenarioRun, *, recovered: float | None, thresholds: Thresholds) -> None:
+    workload, rec, t_fault, base = scenario.workload, scenario.rec, scenario.t_fault, scenario.workload.base
+    received = scenario.sink.since(scenario.sink_start)
     first_push = {}
     expected: set[int] = set()
     for p in workload.pushes:
@@ -768,11 +781,11 @@ def _figures(result: ScenarioResult, fault: Fault, workload: Workload, watcher: 
     gets = list(workload.gets)
     result.requests = len(gets)
     result.failed_requests = sum(1 for _, ok in gets if not ok)
-    result.detect_s = _detected(result.name, watcher, fault.detected_at, t_fault)
-    if result.detect_s is not None and fault.detected_at is None:
+    result.detect_s = _detected(result.name, scenario.watcher, scenario.fault.detected_at, t_fault)
+    if result.detect_s is not None and scenario.fault.detected_at is None:
         rec.add("detected", f"DSD leader changed after {result.detect_s:.3f}s", t=t_fault + result.detect_s)
     result.recover_s = None if recovered is None else recovered - t_fault
-    _judge(result, fault, thresholds, inv)
+    _judge(result, scenario.fault, thresholds)
 
 
 def _new_dsd_at(received: list[tuple[float, dict]], rec: Recorder, t_fault: float) -> float | None:
@@ -797,7 +810,7 @@ def _detected(name: str, watcher: Watcher, detected_at: float | None, t_fault: f
     return None
 
 
-def _judge(result: ScenarioResult, fault: Fault, thresholds: Thresholds, inv: Inventory) -> None:
+def _judge(result: ScenarioResult, fault: Fault, thresholds: Thresholds) -> None:
     limits: dict = {}
     if result.name in ("pe-leader-kill", "pe-leader-pause"):
         limits = {"recover_s": thresholds.pe_recovery_s, "lost": thresholds.max_lost,
@@ -868,11 +881,12 @@ def run(inv: Inventory, scenarios: list[str], *, options: Options | None = None,
     try:
         log("checking the cluster is healthy before the first fault")
         cluster.wait_healthy(options.healthy_timeout_s)
-        probe = Probe(cluster, sink)
+        probe = ProbeSetup(cluster, sink)
         try:
             for index, name in enumerate(scenarios):
                 log(f"{name}: {DESCRIPTIONS[name]}")
-                result = run_scenario(name, index, cluster, probe, sink, thresholds, report_dir)
+                result = run_scenario(name, index, cluster, probe=probe, sink=sink, thresholds=thresholds,
+                                      report_dir=report_dir)
                 results.append(result)
                 log(f"{name}: {'passed' if result.passed else 'FAILED'}; restoring and waiting until healthy")
                 cluster.cleanup()
