@@ -4,7 +4,7 @@ by the writer (which builds it and sends `to_dict()`) and every reader (which ca
 Two payloads: the heartbeat each node publishes on the bus (`PeHeartbeat`, `DsdHeartbeat`) and the api-pe's
 `GET /v1/status` answer (`ApiPeStatus`). The JSON is the one nodes have always sent, so nodes of different
 versions understand each other: `from_dict` ignores keys it does not know and gives a missing optional key
-its default; a missing required key, or a part that is not a JSON object, raises KeyError or TypeError.
+its default; a missing required key, or a part that is not a JSON object or list, raises TypeError.
 No third-party imports: `congressctl status` reads these on the operator's machine.
 """
 
@@ -24,7 +24,7 @@ def _known(cls: type, data: Any) -> dict[str, Any]:
 
 
 def _optional(cls: Any, data: Any) -> Any:
-    return None if data is None else cls.from_dict(data)
+    return cls.from_dict(data) if data else None
 
 
 def _object(data: Any, what: str) -> dict:
@@ -101,7 +101,7 @@ class DatasourceStatus:
 
 
 @dataclass
-class PeHeartbeat(_Flat):
+class PeHeartbeat:
     """What an api-pe publishes every heartbeat interval: who it is, whether it finished its sync (only then
     does the DSD count it as a PE it hears from), and the (epoch, seq) of each table it holds."""
 
