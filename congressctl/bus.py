@@ -118,21 +118,19 @@ class Bus:
 
     `run()` is the long-lived reader: it subscribes, calls `on_connect()` (the owner resyncs), then hands
     every message to `on_message(channel, data)` in arrival order. `heartbeat_loop()` publishes
-    `heartbeat_payload()` every heartbeat interval. Both stop when `stop()` is called.
+    `heartbeat_payload()` (the owner's whole heartbeat, see payloads.py) every heartbeat interval. Both stop
+    when `stop()` is called.
 
     The reader waits for each message without a timeout of its own (one per message costs a timer, about
     a third of redis-py's work per message): a watchdog cuts the subscription when not even our own
     heartbeat has come back for a while, and `stop()` wakes it.
     """
 
-    def __init__(self, client: aioredis.Redis, channels: Channels, node_id: str, role: str, incarnation: str,
-                 heartbeat_s: float, peer_timeout_s: float, subscribe: list[str], on_message: MessageHandler,
-                 on_connect: Callable[[], Awaitable[None]], heartbeat_payload: Callable[[], dict]):
+    def __init__(self, client: aioredis.Redis, channels: Channels, *, heartbeat_s: float, peer_timeout_s: float,
+                 subscribe: list[str], on_message: MessageHandler, on_connect: Callable[[], Awaitable[None]],
+                 heartbeat_payload: Callable[[], dict]):
         self.redis = client
         self.channels = channels
-        self.node_id = node_id
-        self.role = role
-        self.incarnation = incarnation
         self.heartbeat_s = heartbeat_s
         self.peer_timeout_s = peer_timeout_s
         self.subscribe_to = [channels.heartbeat, *[c for c in subscribe if c != channels.heartbeat]]
@@ -185,10 +183,8 @@ class Bus:
     async def heartbeat_loop(self) -> None:
         while not self.stopping:
             if self.connected:
-                payload = {"node": self.node_id, "role": self.role, "inc": self.incarnation,
-                           "ts": time.time(), **self.heartbeat_payload()}
                 try:
-                    await self.publish(self.channels.heartbeat, payload)
+                    await self.publish(self.channels.heartbeat, self.heartbeat_payload())
                 except BusError as exc:
                     log.debug("heartbeat not sent: %s", exc)
             await self.wait_stop(self.heartbeat_s)

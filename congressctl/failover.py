@@ -24,6 +24,7 @@ import httpx
 from congressctl import pacemaker, remote, status, timeline
 from congressctl.errors import CongressctlError, FailoverError, NoHostAnswered, RemoteError
 from congressctl.inventory import Inventory, Node
+from congressctl.payloads import ApiPeStatus, DsdView
 from congressctl.timeline import Event
 
 WINDOW = 5
@@ -224,7 +225,7 @@ class Workload:
     process and is applied when it resumes would bring old rows back (each a new action) and hide what the
     scenario measures."""
 
-    def __init__(self, api: str, push_api: str, probe: "Probe", base: int, options: Options, rec: Recorder):
+    def __init__(self, api: str, push_api: str, probe: "ProbeSetup", base: int, options: Options, rec: Recorder):
         self.api, self.push_api, self.base = api, push_api, base
         self.datasource, self.policy = probe.datasource, probe.policy
         self.options, self.rec = options, rec
@@ -352,21 +353,20 @@ class Watcher:
 
     def _sample(self, client: httpx.Client, url: str) -> None:
         try:
-            body = client.get(f"{url}/v1/status").json()
-        except (httpx.HTTPError, ValueError):
+            dsd = ApiPeStatus.from_dict(client.get(f"{url}/v1/status").json()).dsd
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
             return
-        dsd = body.get("dsd") or {}
-        if not dsd.get("node") or not dsd.get("leader") or (dsd.get("age_ms") or 0) > 1000:
+        if dsd is None or not dsd.node or not dsd.leader or (dsd.age_ms or 0) > 1000:
             return
         seen = self.rec.now()
-        leader = (dsd["leader"]["node"], dsd["leader"]["inc"])
+        leader = (dsd.leader.node, dsd.leader.inc)
         if leader != self.leader:
-            stamped = dsd.get("leader_since")
+            stamped = dsd.leader_since
             self.leader_changes.append((seen, leader, None if stamped is None else stamped - self.rec.wall0))
             if self.leader is not None:
                 self.rec.add("leader", f"DSD leader -> {leader[0]}", t=seen)
             self.leader = leader
-        instance = (dsd["node"], dsd.get("incarnation"))
+        instance = (dsd.node, dsd.incarnation)
         if instance != self.dsd:
             self.dsd_changes.append((seen, instance))
             if self.dsd is not None:
@@ -400,20 +400,19 @@ class Cluster:
             raise FailoverError(f"{method} {path} through the VIP answered {resp.status_code}: {resp.text[:300]}")
         return resp.json() if resp.content else {}
 
-    def node_status(self, name: str) -> dict | None:
+    def node_status(self, name: str) -> ApiPeStatus | None:
         try:
             resp = self.client.get(f"{self.node_apis[name]}/v1/status", timeout=2.0)
-            return resp.json() if resp.status_code == 200 else None
-        except (httpx.HTTPError, ValueError):
+            return ApiPeStatus.from_dict(resp.json()) if resp.status_code == 200 else None
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
             return None
 
-    def dsd_view(self) -> dict:
+    def dsd_view(self) -> DsdView:
         """The DSD as the api-pe nodes see it: where it runs and which PE leads it."""
         for name in self.node_apis:
             body = self.node_status(name)
-            dsd = (body or {}).get("dsd")
-            if dsd and dsd.get("leader"):
-                return dsd
+            if body and body.dsd and body.dsd.leader:
+                return body.dsd
         raise FailoverError("no api-pe reports a DSD with a leader")
 
     def placement(self) -> dict[str, list[str]]:
@@ -527,7 +526,7 @@ def _cut_seconds(cluster: "Cluster") -> float:
 def target_of(name: str, cluster: Cluster) -> Node:
     """The host a scenario will hit, chosen before the workload starts (the DSD's leader is sticky)."""
     if name in ("pe-leader-kill", "pe-leader-pause"):
-        return cluster.inv.node(cluster.dsd_view()["leader"]["node"])
+        return cluster.inv.node(cluster.dsd_view().leader.node)
     if name == "api-node-fail":
         return _api_victim(cluster)
     where = "dsd" if name == "dsd-node-fail" else "vip"
@@ -566,7 +565,7 @@ def _api_victim(cluster: Cluster) -> Node:
     """An api-pe host that is not holding the VIP; one that does not lead the DSD when there is a choice."""
     running = cluster.placement()
     vip = set(running.get("vip", []))
-    leader = cluster.dsd_view()["leader"]["node"]
+    leader = cluster.dsd_view().leader.node
     candidates = [n for n in cluster.inv.with_role("api-pe") if n.name not in vip]
     if not candidates:
         raise FailoverError("api-node-fail: every api-pe host holds the VIP; nothing to fail without the VIP")
@@ -577,8 +576,8 @@ def _api_victim(cluster: Cluster) -> Node:
 # ------------------------------------------------------------------------------------------- one scenario
 
 
-class Probe:
-    """The probe datasource and policy made for a run, removed at the end."""
+class ProbeSetup:
+    """The probe datasource and the policy turning its rows into actions, made for a run, removed at the end."""
 
     def __init__(self, cluster: Cluster, sink: Sink):
         suffix = uuid.uuid4().hex[:8]
@@ -596,50 +595,63 @@ class Probe:
         self.cluster.call("DELETE", f"/v1/data-sources/{self.datasource}", expect=(200, 204, 404))
 
 
-def run_scenario(name: str, index: int, cluster: Cluster, probe: Probe, sink: Sink, thresholds: Thresholds,
-                 report_dir: Path | None) -> ScenarioResult:
-    options, inv = cluster.options, cluster.inv
+@dataclass
+class ScenarioRun:
+    """One scenario under way, from its fault on: what driving it to recovery and judging it share."""
+
+    cluster: Cluster
+    workload: Workload
+    watcher: Watcher
+    sink: Sink
+    sink_start: float     # monotonic; the sink's arrivals before it belong to earlier scenarios
+    rec: Recorder
+    fault: Fault
+    t_fault: float
+
+
+def run_scenario(name: str, index: int, cluster: Cluster, *, probe: ProbeSetup, sink: Sink,
+                 thresholds: Thresholds, report_dir: Path | None = None) -> ScenarioResult:
+    options = cluster.options
     result = ScenarioResult(name, DESCRIPTIONS[name])
     rec = Recorder()
-    base = (index + 1) * SCENARIO_SPAN
     sink_start = time.monotonic()
     target = target_of(name, cluster)
     result.target = target.name
     result.pushed_to = next(n for n in cluster.node_apis if n != target.name)
-    workload = Workload(cluster.api, cluster.node_apis[result.pushed_to], probe, base, options, rec)
+    workload = Workload(cluster.api, cluster.node_apis[result.pushed_to], probe, (index + 1) * SCENARIO_SPAN,
+                        options, rec)
     watcher = Watcher(cluster.node_apis, rec)
     watcher.start()
     workload.start()
     try:
         time.sleep(options.warmup_s)
         fault = inject(name, target, cluster, thresholds, rec)
-        t_fault = rec.first("fault")
-        recovered = _drive(fault, cluster, workload, sink, sink_start, rec, t_fault)
+        scenario = ScenarioRun(cluster, workload, watcher, sink, sink_start, rec, fault, rec.first("fault"))
+        recovered = _drive(scenario)
     finally:
         workload.stop()
         watcher.stop()
     last = workload.finish(cluster.client, time.monotonic() + 30)
-    _settle(cluster, probe, workload.window(last), inv, result)
-    _figures(result, fault, workload, watcher, sink.since(sink_start), rec, t_fault, recovered, base, thresholds, inv)
+    _settle(result, cluster, probe, source=workload.window(last))
+    _figures(result, scenario, recovered=recovered, thresholds=thresholds)
     if report_dir:
         _write_report(report_dir, result, rec, timings_summary(timings_of(cluster, thresholds)))
     return result
 
 
-def _drive(fault: Fault, cluster: Cluster, workload: Workload, sink: Sink, sink_start: float, rec: Recorder,
-           t_fault: float) -> float | None:
+def _drive(scenario: ScenarioRun) -> float | None:
     """Until recovered (or timed out), restored, and `after_s` of workload after recovery: poll and restore."""
-    watch = _PacemakerWatch(cluster, fault, rec) if fault.survivor else None
+    watch = _PacemakerWatch(scenario.cluster, scenario.fault, scenario.rec) if scenario.fault.survivor else None
     try:
-        return _drive_until_done(fault, cluster, workload, sink, sink_start, rec, t_fault, watch)
+        return _drive_until_done(scenario, watch)
     finally:
         if watch:
             watch.close()
 
 
-def _drive_until_done(fault: Fault, cluster: Cluster, workload: Workload, sink: Sink, sink_start: float,
-                      rec: Recorder, t_fault: float, watch: "_PacemakerWatch | None") -> float | None:
-    options = cluster.options
+def _drive_until_done(scenario: ScenarioRun, watch: "_PacemakerWatch | None") -> float | None:
+    fault, rec, t_fault = scenario.fault, scenario.rec, scenario.t_fault
+    options = scenario.cluster.options
     deadline = t_fault + options.recovery_timeout_s
     recovered = None
     while True:
@@ -650,7 +662,7 @@ def _drive_until_done(fault: Fault, cluster: Cluster, workload: Workload, sink: 
             fault.restore()
             fault.restore = None
         if recovered is None and now <= deadline:
-            recovered = _recovered_at(fault, cluster, workload, sink, sink_start, rec, t_fault)
+            recovered = _recovered_at(scenario)
             if recovered is not None:
                 rec.add("recovered", f"{fault.recovery} after {recovered - t_fault:.3f}s", t=recovered)
         settled = (recovered if recovered is not None else deadline) + options.after_s
@@ -708,11 +720,11 @@ class _PacemakerWatch:
         return None
 
 
-def _recovered_at(fault: Fault, cluster: Cluster, workload: Workload, sink: Sink, sink_start: float,
-                  rec: Recorder, t_fault: float) -> float | None:
+def _recovered_at(scenario: ScenarioRun) -> float | None:
+    fault, rec, t_fault = scenario.fault, scenario.rec, scenario.t_fault
     if fault.recovery == "first-action":
-        after_fault = {p.k for p in list(workload.pushes) if p.t > t_fault}
-        received = sink.since(sink_start)
+        after_fault = {p.k for p in list(scenario.workload.pushes) if p.t > t_fault}
+        received = scenario.sink.since(scenario.sink_start)
         before = [b.get("executor") for t, b in received if t - rec.t0 < t_fault]
         old_dsd = before[-1] if before and fault.new_dsd else None
         for t, body in received:
@@ -720,18 +732,18 @@ def _recovered_at(fault: Fault, cluster: Cluster, workload: Workload, sink: Sink
                 return t - rec.t0
         return None
     if fault.recovery == "api-back":
-        gets = sorted(list(workload.gets))
+        gets = sorted(list(scenario.workload.gets))
         failed = [t for t, ok in gets if not ok and t > t_fault]
         if not failed:
             return t_fault if rec.now() > t_fault + 2.0 and gets and gets[-1][1] else None
         return next((t for t, ok in gets if ok and t > failed[-1]), None)
-    body = cluster.node_status(fault.target)
-    return rec.now() if body and body.get("healthy") else None
+    answer = scenario.cluster.node_status(fault.target)
+    return rec.now() if answer and answer.healthy else None
 
 
-def _settle(cluster: Cluster, probe: Probe, source: list[list[int]], inv: Inventory, result: ScenarioResult) -> None:
+def _settle(result: ScenarioResult, cluster: Cluster, probe: ProbeSetup, *, source: list[list[int]]) -> None:
     """Wait for duplicates to show (the DSD's buffer window) and for every PE's table to equal the source."""
-    time.sleep(2 * inv.timings.peer_timeout_ms / 1000 + 1.0)
+    time.sleep(2 * cluster.inv.timings.peer_timeout_ms / 1000 + 1.0)
     deadline = time.monotonic() + 20
     want = sorted(source)
     while time.monotonic() < deadline:
@@ -745,9 +757,9 @@ def _settle(cluster: Cluster, probe: Probe, source: list[list[int]], inv: Invent
                                      if v != want))
 
 
-def _figures(result: ScenarioResult, fault: Fault, workload: Workload, watcher: Watcher,
-             received: list[tuple[float, dict]], rec: Recorder, t_fault: float, recovered: float | None, base: int,
-             thresholds: Thresholds, inv: Inventory) -> None:
+def _figures(result: ScenarioResult, scenario: ScenarioRun, *, recovered: float | None, thresholds: Thresholds) -> None:
+    workload, rec, t_fault, base = scenario.workload, scenario.rec, scenario.t_fault, scenario.workload.base
+    received = scenario.sink.since(scenario.sink_start)
     first_push = {}
     expected: set[int] = set()
     for p in workload.pushes:
@@ -774,11 +786,11 @@ def _figures(result: ScenarioResult, fault: Fault, workload: Workload, watcher: 
     gets = list(workload.gets)
     result.requests = len(gets)
     result.failed_requests = sum(1 for _, ok in gets if not ok)
-    result.detect_s = _detected(result.name, watcher, fault.detected_at, t_fault)
-    if result.detect_s is not None and fault.detected_at is None:
+    result.detect_s = _detected(result.name, scenario.watcher, scenario.fault.detected_at, t_fault)
+    if result.detect_s is not None and scenario.fault.detected_at is None:
         rec.add("detected", f"DSD leader changed after {result.detect_s:.3f}s", t=t_fault + result.detect_s)
     result.recover_s = None if recovered is None else recovered - t_fault
-    _judge(result, fault, thresholds, inv)
+    _judge(result, scenario.fault, thresholds)
 
 
 def _new_dsd_at(received: list[tuple[float, dict]], rec: Recorder, t_fault: float) -> float | None:
@@ -803,7 +815,7 @@ def _detected(name: str, watcher: Watcher, detected_at: float | None, t_fault: f
     return None
 
 
-def _judge(result: ScenarioResult, fault: Fault, thresholds: Thresholds, inv: Inventory) -> None:
+def _judge(result: ScenarioResult, fault: Fault, thresholds: Thresholds) -> None:
     limits: dict = {}
     if result.name in ("pe-leader-kill", "pe-leader-pause"):
         limits = {"recover_s": thresholds.pe_recovery_s, "lost": thresholds.max_lost,
@@ -872,11 +884,12 @@ def run(inv: Inventory, scenarios: list[str], *, options: Options | None = None,
     try:
         log("checking the cluster is healthy before the first fault")
         cluster.wait_healthy(options.healthy_timeout_s)
-        probe = Probe(cluster, sink)
+        probe = ProbeSetup(cluster, sink)
         try:
             for index, name in enumerate(scenarios):
                 log(f"{name}: {DESCRIPTIONS[name]}")
-                result = run_scenario(name, index, cluster, probe, sink, thresholds, report_dir)
+                result = run_scenario(name, index, cluster, probe=probe, sink=sink, thresholds=thresholds,
+                                      report_dir=report_dir)
                 results.append(result)
                 log(f"{name}: {'passed' if result.passed else 'FAILED'}; restoring and waiting until healthy")
                 cluster.cleanup()

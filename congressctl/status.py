@@ -25,6 +25,7 @@ import httpx
 from congressctl import pacemaker, remote
 from congressctl.errors import RemoteError, StatusError
 from congressctl.inventory import Inventory, Node
+from congressctl.payloads import ApiPeStatus, PeerView
 
 HAPROXY_SOCKET = "/run/haproxy/admin.sock"
 BUS_PASSWORD_FILE = "/etc/congressctl/bus.password"
@@ -194,7 +195,7 @@ class HostSample:
 
     host: HostStatus
     view: pacemaker.Placement | None = None
-    api: dict | None = None
+    api: ApiPeStatus | None = None
     bus: BusNodeStatus | None = None
 
 
@@ -373,7 +374,10 @@ def _read_api(sample: HostSample, probe: HostProbe | None) -> None:
     if not isinstance(data, dict):
         host.api_error = "/v1/status did not answer a JSON object"
         return
-    sample.api = data
+    try:
+        sample.api = ApiPeStatus.from_dict(data)
+    except (KeyError, TypeError, ValueError) as exc:
+        host.api_error = f"/v1/status answer not understood: {exc}"
 
 
 def read_bus_node(name: str, probe: HostProbe) -> BusNodeStatus:
@@ -566,46 +570,51 @@ def _api_pe_problems(inv: Inventory, samples: list[HostSample]) -> list[str]:
         if sample.api is None:
             problems.append(f"api-pe on {host.name} does not answer /v1/status ({host.api_error})")
             continue
-        bus = sample.api.get("bus") or {}
-        if not bus.get("connected"):
-            problems.append(f"api-pe on {host.name}: control bus {bus.get('host')}:{bus.get('port')} not connected "
-                            f"({bus.get('last_error') or 'connecting'})")
-        elif not sample.api.get("synced"):
+        bus = sample.api.bus
+        if not bus.connected:
+            problems.append(f"api-pe on {host.name}: control bus {bus.host}:{bus.port} not connected "
+                            f"({bus.last_error or 'connecting'})")
+        elif not sample.api.synced:
             problems.append(f"api-pe on {host.name} is not synced yet")
-        elif not sample.api.get("healthy"):
+        elif not sample.api.healthy:
             problems.append(f"api-pe on {host.name} reports itself unhealthy")
     return problems
 
 
-def _node_statuses(inv: Inventory, statuses: dict[str, dict], view: pacemaker.Placement | None) -> list[NodeStatus]:
+def _node_statuses(inv: Inventory, statuses: dict[str, ApiPeStatus],
+                   view: pacemaker.Placement | None) -> list[NodeStatus]:
     """Every congress process: the api-pe nodes of the inventory plus every peer any api-pe hears."""
-    sightings: dict[tuple[str, str], list[dict]] = {}
+    sightings: dict[tuple[str, str], list[PeerView]] = {}
     for status in statuses.values():
-        for peer in status.get("peers") or []:
-            sightings.setdefault((peer.get("node"), peer.get("role")), []).append(peer)
+        for peer in status.peers:
+            sightings.setdefault((peer.node, peer.role), []).append(peer)
     api_nodes = {n.name for n in inv.with_role("api-pe")}
     dsd_nodes = set(view.on("dsd")) if view is not None else {
-        k[0] for k, seen in sightings.items() if k[1] == "dsd" and any(p.get("alive") for p in seen)}
+        k[0] for k, seen in sightings.items() if k[1] == "dsd" and any(p.alive for p in seen)}
     keys = set(sightings) | {(name, "api-pe") for name in api_nodes}
     nodes = []
     for name, role in sorted(keys, key=lambda k: (k[1] != "api-pe", k[1], k[0])):
-        seen = sorted(sightings.get((name, role), []), key=lambda p: p.get("age_ms", float("inf")))
-        freshest = seen[0] if seen else {}
-        node = NodeStatus(node=name, role=role, incarnation=freshest.get("incarnation"),
-                          age_ms=freshest.get("age_ms"), alive=any(p.get("alive") for p in seen),
+        seen = sorted(sightings.get((name, role), []), key=lambda p: _age(p.age_ms))
+        freshest = seen[0] if seen else PeerView(node=name, role=role)
+        node = NodeStatus(node=name, role=role, incarnation=freshest.incarnation,
+                          age_ms=freshest.age_ms, alive=any(p.alive for p in seen),
                           expected=name in (api_nodes if role == "api-pe" else dsd_nodes))
         own = statuses.get(name) if role == "api-pe" else None
         if role == "api-pe":
             node.answered = own is not None
         if own is not None:
-            node.incarnation = own.get("incarnation") or node.incarnation
-            node.synced = own.get("synced")
-            node.healthy = own.get("healthy")
+            node.incarnation = own.incarnation or node.incarnation
+            node.synced = own.synced
+            node.healthy = own.healthy
         nodes.append(node)
     return nodes
 
 
-def _node_problems(nodes: list[NodeStatus], statuses: dict[str, dict]) -> list[str]:
+def _age(age_ms: float | None) -> float:
+    return float("inf") if age_ms is None else age_ms
+
+
+def _node_problems(nodes: list[NodeStatus], statuses: dict[str, ApiPeStatus]) -> list[str]:
     if not statuses:
         return []
     problems = []
@@ -619,36 +628,36 @@ def _node_problems(nodes: list[NodeStatus], statuses: dict[str, dict]) -> list[s
     return problems
 
 
-def _dsd_status(statuses: dict[str, dict], view: pacemaker.Placement | None) -> DsdStatus | None:
+def _dsd_status(statuses: dict[str, ApiPeStatus], view: pacemaker.Placement | None) -> DsdStatus | None:
     """The DSD as the api-pe that heard it most recently reports it, with every PE's table positions."""
-    heard = sorted(((name, s["dsd"]) for name, s in statuses.items() if isinstance(s.get("dsd"), dict)),
-                   key=lambda item: item[1].get("age_ms", float("inf")))
+    heard = sorted(((name, s.dsd) for name, s in statuses.items() if s.dsd is not None),
+                   key=lambda item: _age(item[1].age_ms))
     if not heard:
         return None
     seen_by, d = heard[0]
-    return DsdStatus(node=d.get("node"), incarnation=d.get("incarnation"), epoch=d.get("epoch"),
-                     leader=d.get("leader"), leader_since=d.get("leader_since"), counts=d.get("counts") or {},
-                     buffered=d.get("buffered") or 0, age_ms=d.get("age_ms"), seen_by=seen_by,
+    return DsdStatus(node=d.node, incarnation=d.incarnation, epoch=d.epoch,
+                     leader=d.leader.to_dict() if d.leader else None, leader_since=d.leader_since,
+                     counts=d.counts.to_dict(), buffered=d.buffered, age_ms=d.age_ms, seen_by=seen_by,
                      running_on=view.on("dsd") if view is not None else [], tables=_tables(statuses))
 
 
-def _tables(statuses: dict[str, dict]) -> list[TableStatus]:
+def _tables(statuses: dict[str, ApiPeStatus]) -> list[TableStatus]:
     tables: dict[str, TableStatus] = {}
     for pe, status in sorted(statuses.items()):
-        for t in status.get("tables") or []:
-            table = tables.setdefault(t["table"], TableStatus(table=t["table"], datasource_id=t.get("datasource_id"),
-                                                              epoch=None, seq=None))
-            reported = (t.get("dsd_epoch"), t.get("dsd_seq") or 0)
+        for t in status.tables:
+            table = tables.setdefault(t.table, TableStatus(table=t.table, datasource_id=t.datasource_id,
+                                                           epoch=None, seq=None))
+            reported = (t.dsd_epoch, t.dsd_seq or 0)
             if reported[0] is not None and (table.epoch is None or (table.epoch, table.seq or 0) < reported):
                 table.epoch, table.seq = reported
-            table.lag[pe] = t.get("lag")
+            table.lag[pe] = t.lag
     for table in tables.values():
         for pe in statuses:
             table.lag.setdefault(pe, None)
     return sorted(tables.values(), key=lambda t: t.table)
 
 
-def _dsd_problems(dsd: DsdStatus | None, statuses: dict[str, dict]) -> list[str]:
+def _dsd_problems(dsd: DsdStatus | None, statuses: dict[str, ApiPeStatus]) -> list[str]:
     if not statuses:
         return []
     if dsd is None:
@@ -664,14 +673,14 @@ def _dsd_problems(dsd: DsdStatus | None, statuses: dict[str, dict]) -> list[str]
     return problems
 
 
-def _lag_problem(pe: str, table: TableStatus, lag: int | None, status: dict) -> list[str]:
+def _lag_problem(pe: str, table: TableStatus, lag: int | None, status: ApiPeStatus) -> list[str]:
     if lag:
         return [f"PE {pe} is {lag} updates behind on {table.table}"]
     if lag == 0 or table.epoch is None:
         return []
-    mine = next((t for t in status.get("tables") or [] if t["table"] == table.table), None)
+    mine = status.table(table.table)
     if mine is None:
         return [f"PE {pe} has no copy of {table.table}"]
-    if mine.get("epoch") != table.epoch:
-        return [f"PE {pe} holds {table.table} at epoch {mine.get('epoch')}, the DSD at epoch {table.epoch}"]
+    if mine.epoch != table.epoch:
+        return [f"PE {pe} holds {table.table} at epoch {mine.epoch}, the DSD at epoch {table.epoch}"]
     return []

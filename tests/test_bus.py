@@ -13,6 +13,7 @@ from congressctl.bus import COMMAND_TIMEOUT_S, Bus, Channels, make_redis
 from congressctl.errors import BusError
 from congressctl.node.dsd import Leadership, Request, requests_of
 from congressctl.node.store import Store, row_key
+from congressctl.payloads import PeHeartbeat
 
 
 def run(coro):
@@ -158,8 +159,9 @@ class Probe:
         self.connects = 0
         self.messages: list[tuple[str, dict]] = []
         ch = Channels("c")
-        self.bus = Bus(self.client, ch, node, "api-pe", f"inc-{node}", 0.05, peer_timeout, [ch.notice],
-                       self.on_message, self.on_connect, lambda: {"extra": node})
+        beat = PeHeartbeat(node=node, inc=f"inc-{node}").to_dict() | {"extra": node}
+        self.bus = Bus(self.client, ch, heartbeat_s=0.05, peer_timeout_s=peer_timeout, subscribe=[ch.notice],
+                       on_message=self.on_message, on_connect=self.on_connect, heartbeat_payload=lambda: beat)
 
     async def on_message(self, channel, data):
         self.messages.append((channel, data))
@@ -264,9 +266,10 @@ def test_every_command_is_bounded_when_redis_hangs(redis_server):
         await store.policies()
         redis_server.proc.send_signal(signal.SIGSTOP)
         outcomes = []
+        bus = Bus(r, Channels("c"), heartbeat_s=0.1, peer_timeout_s=0.3, subscribe=[], on_message=None,
+                  on_connect=None, heartbeat_payload=dict)
         try:
-            for call in (store.policies(), store.notice_seq(), Bus(r, Channels("c"), "a", "x", "i", 0.1, 0.3, [],
-                                                                   None, None, dict).publish("c", {"x": 1})):
+            for call in (store.policies(), store.notice_seq(), bus.publish("c", {"x": 1})):
                 started = asyncio.get_running_loop().time()
                 try:
                     await asyncio.wait_for(call, COMMAND_TIMEOUT_S + 3)

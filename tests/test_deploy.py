@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import select
 import signal
 import subprocess
 import time
@@ -12,8 +13,11 @@ import httpx
 import pytest
 import yaml
 
+from congressctl import deploy
 from congressctl import lab as labmod
 from congressctl import pacemaker
+from congressctl.inventory import load_inventory
+from congressctl.render import render_all
 from fixtures_cluster import CLI, congressctl
 
 pytestmark = pytest.mark.lab
@@ -147,19 +151,90 @@ def test_unreachable_host_fails_rolls_back_and_next_deploy_converges(cluster, tm
     assert pacemaker.placement_problems(cluster.inv, _placement(cluster)) == []
 
 
+# Runs inside a host. Once the deploy's SSH session shows up (a new child of the host's sshd), it waits for the
+# temporary file of the atomic push of {path} and stops that session's process group (sshd serves SFTP in it,
+# internal-sftp) while the file is written but not yet renamed. It answers "held FILE" when the file is still
+# there half a second later (the push is in flight, and stays so until SIGCONT), "missed FILE" when it was
+# renamed meanwhile. The held process groups are left in {state}.held for _release.
+HOLD_PUSH = r"""
+echo $$ > {state}.pid
+l=$(cat /run/sshd.pid) || exit 1
+old=" $(pgrep -P "$l" | tr '\n' ' ') "
+echo ready
+s=""
+while [ -z "$s" ]; do
+  for p in $(pgrep -P "$l"); do
+    case "$old" in *" $p "*) ;; *) s="$s $p" ;; esac
+  done
+  [ -n "$s" ] || sleep 0.01
+done
+echo "$s" > {state}.held
+while :; do
+  for f in {path}.tmp-*; do
+    if [ -e "$f" ]; then
+      for p in $s; do kill -s STOP -- "-$p"; done
+      sleep 0.5
+      if [ -e "$f" ]; then echo "held $f"; else echo "missed $f"; fi
+      exit 0
+    fi
+  done
+done
+"""
+HOLD_STATE = "/run/congressctl-test-hold"
+
+
+def _hold_push(cluster, host: str, path: str) -> subprocess.Popen:
+    """Start HOLD_PUSH on `host`; returns once it knows the SSH sessions that were there before the deploy."""
+    script = HOLD_PUSH.format(path=path, state=HOLD_STATE)
+    watcher = subprocess.Popen(labmod.lab_exec_argv(cluster.lab, host, ["timeout", "300", "sh", "-c", script]),
+                               stdout=subprocess.PIPE, text=True, env=labmod.HOST_ENV)
+    assert _line(watcher, 30) == "ready"
+    return watcher
+
+
+def _line(proc: subprocess.Popen, timeout: float) -> str:
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    return proc.stdout.readline().strip() if ready else ""
+
+
+def _release(cluster, host: str, watcher: subprocess.Popen) -> None:
+    """Let the held session go on and stop the watcher, whatever state the test left them in."""
+    _exec(cluster, host, "sh", "-c", f"for p in $(cat {HOLD_STATE}.held 2>/dev/null); do kill -s CONT -- -$p; done; "
+          f"kill $(cat {HOLD_STATE}.pid 2>/dev/null) 2>/dev/null; rm -f {HOLD_STATE}.held {HOLD_STATE}.pid; true")
+    watcher.wait(timeout=30)
+
+
+def _rendered(inventory_path: Path, path: str) -> dict[str, str]:
+    """What deploy pushes to `path` on each host for this inventory."""
+    inv = load_inventory(inventory_path)
+    rendered = render_all(inv, deploy.load_or_create_secrets(inv, create=False))
+    return {name: next(f.content for f in files if f.path == path).decode() for name, files in rendered.items()}
+
+
 def test_ctrl_c_mid_deploy_leaves_every_file_whole_and_the_next_deploy_converges(cluster, tmp_path: Path) -> None:
+    """Ctrl-C while n1's push of congress.yaml is known to be in flight (its temporary file written, not yet
+    renamed: the push is held there): every host keeps the old file or has the new one whole."""
     changed = _changed_inventory(cluster, tmp_path)
     path = "/etc/congressctl/congress.yaml"
     before = {n.name: _exec(cluster, n.name, "cat", path) for n in cluster.inv.nodes}
+    after = _rendered(changed, path)
+    watcher = _hold_push(cluster, "n1", path)
     proc = subprocess.Popen([*CLI, "deploy", "-i", str(changed)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
-    time.sleep(1.5)
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 130 and "interrupted" in stderr.splitlines() and "Traceback" not in stderr, stderr[-3000:]
+    try:
+        held = _line(watcher, 120)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(1.0)   # the interrupt is handled while n1's push is still half-way
+    finally:
+        _release(cluster, "n1", watcher)
+        _, err = proc.communicate(timeout=300)
+    assert held.startswith("held "), f"no push of {path} caught in flight on n1 ({held!r}):\n{err[-3000:]}"
+    assert proc.returncode == 130 and "interrupted" in err, (proc.returncode, err[-3000:])
+    assert proc.returncode != 0
     for node in cluster.inv.nodes:
         now = _exec(cluster, node.name, "cat", path)
         assert now == before[node.name] or "full_sync_interval_s: 31" in now, f"{node.name}: {now!r}"
+        assert now in (before[node.name], after[node.name]), f"{node.name}: neither the old nor the new file: {now!r}"
         assert yaml.safe_load(now)["node_id"] == node.name
         leftovers = _exec(cluster, node.name, "find", "/etc/congressctl", "/etc/corosync", "/etc/haproxy",
                           "/usr/lib/ocf/resource.d/congressctl", "-name", "*.tmp-*")

@@ -53,6 +53,12 @@ def _k(event: dict) -> int:
     return int(event["detail"].split()[0].removeprefix("k="))
 
 
+def _broken_promises(scenario: dict) -> list[str]:
+    """A scenario's failures other than a measured recovery time over its limit ("recover_s 2.1 > 1.5"): those
+    the command judges, and bench/failover.py measures; a recovery that never happened stays a failure."""
+    return [f for f in scenario["failures"] if not f.startswith("recover_s ")]
+
+
 @pytest.mark.lab
 @pytest.mark.slow
 def test_every_scenario_keeps_its_promises(run):
@@ -65,7 +71,7 @@ def test_every_scenario_keeps_its_promises(run):
     assert [s["name"] for s in summary["scenarios"]] == list(failover.SCENARIOS)
     assert proc.returncode == (0 if summary["passed"] else 1)
     for s in summary["scenarios"]:
-        broken = [f for f in s["failures"] if not f.startswith("recover_s ")]
+        broken = _broken_promises(s)
         assert not broken, f"{s['name']}: {broken}\n{proc.stderr[-3000:]}"
         assert s["tables_equal"] and s["recover_s"] is not None and s["detect_s"] is not None, s
         assert s["lost"] == 0, s
@@ -95,7 +101,10 @@ def test_figures_are_recomputed_from_the_raw_events(run):
         assert any(e["kind"] == "fault" for e in events) and any(e["kind"] == "recovered" for e in events)
         page = Path(s["timeline"]).read_text()
         assert page.startswith("<!DOCTYPE html>") and "<svg" in page and s["name"] in page
-    assert json.loads((report / "summary.json").read_text())["passed"] is True
+    written = json.loads((report / "summary.json").read_text())
+    assert written["passed"] == summary["passed"]
+    assert {s["name"]: _broken_promises(s) for s in written["scenarios"]} == {
+        s["name"]: [] for s in summary["scenarios"]}
 
 
 @pytest.mark.lab

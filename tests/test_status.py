@@ -65,7 +65,7 @@ def test_healthy_capture_reads_as_healthy(inv) -> None:
     assert [(n.node, n.role, n.alive, n.synced, n.healthy) for n in report.nodes] == [
         ("n1", "api-pe", True, True, True), ("n2", "api-pe", True, True, True),
         ("n3", "api-pe", True, True, True), ("n1", "dsd", True, None, None)]
-    own = {s.host.name: s.api["incarnation"] for s in samples}
+    own = {s.host.name: s.api.incarnation for s in samples}
     assert {n.node: n.incarnation for n in report.nodes if n.role == "api-pe"} == own
     assert report.dsd.node == "n1" and report.dsd.running_on == ["n1"] and report.dsd.leader["node"] == "n2"
     assert [(t.table, t.epoch, t.seq, t.lag) for t in report.dsd.tables] == [

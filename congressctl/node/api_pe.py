@@ -31,6 +31,8 @@ from congressctl.node.drivers import coerce_rows, normalize_datasource, table_co
 from congressctl.node.pe import PolicyNode, rows_of
 from congressctl.node.runtime import BusWorker
 from congressctl.node.store import Store
+from congressctl.payloads import (ActionsView, ApiPeStatus, BusView, DriverStatus, DsdHeartbeat, DsdView,
+                                  PeerView, PeHeartbeat)
 
 log = logging.getLogger("congressctl.api")
 
@@ -148,7 +150,7 @@ class Api:
 
     async def status(self, request: Request) -> Response:
         """Bus peers, the DSD's leader and counts, and (epoch, seq) per table with lag (congressctl status)."""
-        return JSONResponse(self.node.status())
+        return JSONResponse(self.node.status().to_dict())
 
     async def openapi(self, request: Request) -> Response:
         """This OpenAPI document."""
@@ -358,15 +360,15 @@ class Api:
     async def datasource_status(self, request: Request) -> Response:
         """Driver status as the DSD reports it in its heartbeat, plus (epoch, seq) of each table."""
         ds = await self._datasource(request)
-        dsd = self.pe.dsd or {}
-        reported = (dsd.get("datasources") or {}).get(ds["id"], {})
-        tables = [t for t in self.pe.table_status() if t["datasource_id"] == ds["id"]]
-        return JSONResponse({"initialized": bool(reported.get("initialized")),
-                             "last_updated": reported.get("last_updated"),
-                             "number_of_updates": reported.get("number_of_updates", 0),
-                             "last_error": reported.get("last_error"),
-                             "actions_executed": reported.get("actions_executed", 0),
-                             "actions_failed": reported.get("actions_failed", 0), "tables": tables})
+        reported = self.pe.dsd.datasources.get(ds["id"]) if self.pe.dsd else None
+        driver = reported.status if reported else DriverStatus()
+        tables = [t.to_dict() for t in self.pe.table_status() if t.datasource_id == ds["id"]]
+        return JSONResponse({"initialized": bool(driver.initialized),
+                             "last_updated": driver.last_updated,
+                             "number_of_updates": driver.number_of_updates,
+                             "last_error": driver.last_error,
+                             "actions_executed": driver.actions_executed,
+                             "actions_failed": driver.actions_failed, "tables": tables})
 
     # -- app ------------------------------------------------------------------------------------------
     def routes(self) -> list[Route]:
@@ -532,9 +534,9 @@ class ApiPeNode(BusWorker):
                            sync_replicas=cfg.bus.sync_replicas)
         t = cfg.timings
         self.pe = PolicyNode(self.store, cfg.node_id, self.incarnation, t.peer_timeout_s, hold_s=t.heartbeat_s)
-        self.bus = Bus(self.redis, self.channels, cfg.node_id, "api-pe", self.incarnation, t.heartbeat_s,
-                       t.peer_timeout_s, [self.channels.notice, self.channels.diff], self.on_message,
-                       self.on_connect, self.heartbeat_payload)
+        self.bus = Bus(self.redis, self.channels, heartbeat_s=t.heartbeat_s, peer_timeout_s=t.peer_timeout_s,
+                       subscribe=[self.channels.notice, self.channels.diff], on_message=self.on_message,
+                       on_connect=self.on_connect, heartbeat_payload=self.heartbeat_payload)
         self.synced = False
         self.has_copy = False     # synced at least once: reads can answer from the copy while the bus is away
         self.api = Api(self)
@@ -595,7 +597,7 @@ class ApiPeNode(BusWorker):
         elif channel == self.channels.notice:
             self.pe.on_notice(data)
         elif channel == self.channels.heartbeat and data.get("role") == "dsd":
-            await self.pe.on_dsd_heartbeat(data)
+            await self.pe.on_dsd_heartbeat(DsdHeartbeat.from_dict(data))
 
     async def full_sync_loop(self) -> None:
         while not self.bus.stopping:
@@ -607,8 +609,9 @@ class ApiPeNode(BusWorker):
                     log.warning("periodic full sync failed: %s", exc)
 
     def heartbeat_payload(self) -> dict:
-        return {"synced": self.synced, "actions_sent": self.pe.actions_sent,
-                "tables": {s.key: [s.epoch, s.seq] for s in self.pe.tables.values()}}
+        return PeHeartbeat(node=self.cfg.node_id, inc=self.incarnation, ts=time.time(), synced=self.synced,
+                           actions_sent=self.pe.actions_sent,
+                           tables={s.key: [s.epoch, s.seq] for s in self.pe.tables.values()}).to_dict()
 
     def health_problem(self) -> str | None:
         """Why HAProxy should not send here (None: it may). A node with a copy stays in the pool while the bus
@@ -623,22 +626,21 @@ class ApiPeNode(BusWorker):
         """Seconds since the bus was last heard from, while it is not connected (None while it is)."""
         return None if self.bus.connected else time.monotonic() - self.bus.last_message
 
-    def status(self) -> dict:
+    def status(self) -> ApiPeStatus:
         now = time.monotonic()
-        peers = [{"node": p.node, "role": p.role, "incarnation": p.incarnation,
-                  "age_ms": round(p.age(now) * 1000, 1), "alive": p.age(now) <= self.bus.peer_timeout_s}
+        peers = [PeerView(node=p.node, role=p.role, incarnation=p.incarnation, age_ms=round(p.age(now) * 1000, 1),
+                          alive=p.age(now) <= self.bus.peer_timeout_s)
                  for p in sorted(self.bus.peers.values(), key=lambda p: (p.role, p.node))]
         dsd = None
         if self.pe.dsd is not None:
             hb = self.pe.dsd
-            dsd = {"node": hb.get("node"), "incarnation": hb.get("inc"), "epoch": hb.get("epoch"),
-                   "leader": hb.get("leader"), "leader_since": hb.get("leader_since"),
-                   "counts": hb.get("counts", {}), "buffered": hb.get("buffered", 0),
-                   "age_ms": round((now - hb["received"]) * 1000, 1)}
-        return {"node": self.cfg.node_id, "role": "api-pe", "incarnation": self.incarnation,
-                "synced": self.synced, "healthy": self.health_problem() is None,
-                "bus": {"host": self.cfg.bus.host, "port": self.cfg.bus.port, "connected": self.bus.connected,
-                        "connects": self.bus.reconnects, "last_error": self.bus.last_error},
-                "peers": peers, "dsd": dsd, "tables": self.pe.table_status(),
-                "actions": {"sent": self.pe.actions_sent, "queued": self.pe.outbox.qsize(),
-                            "dropped": self.pe.actions_dropped, "resent": self.pe.resent}}
+            dsd = DsdView(node=hb.node, incarnation=hb.inc, epoch=hb.epoch, leader=hb.leader,
+                          leader_since=hb.leader_since, counts=hb.counts, buffered=hb.buffered,
+                          age_ms=round((now - self.pe.dsd_received) * 1000, 1))
+        return ApiPeStatus(node=self.cfg.node_id, role="api-pe", incarnation=self.incarnation,
+                           synced=self.synced, healthy=self.health_problem() is None,
+                           bus=BusView(host=self.cfg.bus.host, port=self.cfg.bus.port, connected=self.bus.connected,
+                                       connects=self.bus.reconnects, last_error=self.bus.last_error),
+                           peers=peers, dsd=dsd, tables=self.pe.table_status(),
+                           actions=ActionsView(sent=self.pe.actions_sent, queued=self.pe.outbox.qsize(),
+                                               dropped=self.pe.actions_dropped, resent=self.pe.resent))

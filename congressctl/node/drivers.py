@@ -24,6 +24,7 @@ from typing import Any, Awaitable, Callable
 import httpx
 
 from congressctl.errors import ActionDeliveryError, DatasourceConfigError
+from congressctl.payloads import DriverStatus
 
 log = logging.getLogger("congressctl.drivers")
 
@@ -148,19 +149,6 @@ def extract_rows(document: Any, path: str, columns: list[str]) -> set[Row]:
         elif isinstance(item, list) and len(item) == len(columns):
             rows.add(tuple(cell(v) for v in item))
     return rows
-
-
-@dataclass
-class DriverStatus:
-    initialized: bool = False
-    last_updated: float | None = None
-    number_of_updates: int = 0
-    last_error: str | None = None
-    actions_executed: int = 0
-    actions_failed: int = 0
-
-    def as_dict(self) -> dict:
-        return dict(self.__dict__)
 
 
 @dataclass

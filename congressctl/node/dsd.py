@@ -43,6 +43,7 @@ from congressctl.node.config import NodeConfig
 from congressctl.node.drivers import Driver, HttpPoster, Row, make_driver
 from congressctl.node.runtime import BusWorker
 from congressctl.node.store import Store, row_key
+from congressctl.payloads import DatasourceStatus, DsdCounts, DsdHeartbeat, Leader, PeHeartbeat
 
 log = logging.getLogger("congressctl.dsd")
 
@@ -77,16 +78,6 @@ def requests_of(message: dict, now: float) -> list[Request]:
         raise ValueError(f"malformed action message: {type(exc).__name__}: {exc}") from None
 
 
-@dataclass
-class Counts:
-    executed: int = 0
-    replayed: int = 0
-    ignored: int = 0
-    expired: int = 0
-    failed: int = 0
-    leader_changes: int = 0
-
-
 class Leadership:
     """Sticky leader choice and the exactly-once bookkeeping. Methods return the requests to run now."""
 
@@ -100,7 +91,7 @@ class Leadership:
         self.last_heard: dict[PeerKey, float] = {}
         self.buffers: dict[PeerKey, OrderedDict[str, Request]] = {}
         self.executed: OrderedDict[str, None] = OrderedDict()
-        self.counts = Counts()
+        self.counts = DsdCounts()
         self.history: list[tuple[float, PeerKey | None, PeerKey]] = []
 
     def is_executed(self, action_id: str) -> bool:
@@ -193,9 +184,10 @@ class DsdNode(BusWorker):
         self.store = Store(self.redis, self.channels, sync_replicas=cfg.bus.sync_replicas)
         t = cfg.timings
         self.leadership = Leadership(t.peer_timeout_s, buffer_s=2 * t.peer_timeout_s + 1.0)
-        self.bus = Bus(self.redis, self.channels, cfg.node_id, "dsd", self.incarnation, t.heartbeat_s,
-                       t.peer_timeout_s, [self.channels.notice, self.channels.action, self.channels.push],
-                       self.on_message, self.on_connect, self.heartbeat_payload)
+        self.bus = Bus(self.redis, self.channels, heartbeat_s=t.heartbeat_s, peer_timeout_s=t.peer_timeout_s,
+                       subscribe=[self.channels.notice, self.channels.action, self.channels.push],
+                       on_message=self.on_message, on_connect=self.on_connect,
+                       heartbeat_payload=self.heartbeat_payload)
         self.epoch: int | None = None
         self.drivers: dict[str, Driver] = {}
         self.driver_tasks: dict[str, asyncio.Task] = {}
@@ -236,13 +228,14 @@ class DsdNode(BusWorker):
     # -- heartbeat ------------------------------------------------------------------------------------
     def heartbeat_payload(self) -> dict:
         lead = self.leadership
-        return {"epoch": self.epoch,
-                "tables": {f"{s.ds_id}/{s.table}": [self.epoch, s.seq] for s in self.tables.values()},
-                "leader": {"node": lead.leader[0], "inc": lead.leader[1]} if lead.leader else None,
-                "leader_since": lead.history[-1][0] if lead.history else None,
-                "counts": dict(lead.counts.__dict__),
-                "buffered": sum(len(b) for b in lead.buffers.values()),
-                "datasources": {d.id: {"name": d.name, **d.status.as_dict()} for d in self.drivers.values()}}
+        return DsdHeartbeat(
+            node=self.cfg.node_id, inc=self.incarnation, ts=time.time(), epoch=self.epoch,
+            tables={f"{s.ds_id}/{s.table}": [self.epoch, s.seq] for s in self.tables.values()},
+            leader=Leader(node=lead.leader[0], inc=lead.leader[1]) if lead.leader else None,
+            leader_since=lead.history[-1][0] if lead.history else None, counts=lead.counts,
+            buffered=sum(len(b) for b in lead.buffers.values()),
+            datasources={d.id: DatasourceStatus(name=d.name, status=d.status) for d in self.drivers.values()},
+        ).to_dict()
 
     # -- bus ------------------------------------------------------------------------------------------
     async def on_connect(self) -> None:
@@ -264,8 +257,9 @@ class DsdNode(BusWorker):
                 self._run(self.leadership.request(req, now))
         elif channel == ch.heartbeat:
             # a PE still loading (or resyncing after a reconnect) cannot be trusted to send every action
-            if data.get("role") == "api-pe" and isinstance(data.get("inc"), str) and data.get("synced"):
-                self._run(self.leadership.heard((data["node"], data["inc"]), now))
+            beat = PeHeartbeat.from_dict(data) if data.get("role") == "api-pe" else None
+            if beat is not None and isinstance(beat.inc, str) and beat.synced:
+                self._run(self.leadership.heard((beat.node, beat.inc), now))
         elif channel == ch.push:
             await self.on_push(data)
         elif channel == ch.notice and data.get("kind") == "datasource":

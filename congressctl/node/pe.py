@@ -36,6 +36,7 @@ from congressctl.bus import Bus, dumps
 from congressctl.errors import BusError, PolicyError
 from congressctl.node.drivers import table_columns
 from congressctl.node.store import Store
+from congressctl.payloads import DsdHeartbeat, TableView
 from congressctl.policy import Engine, Result
 
 log = logging.getLogger("congressctl.pe")
@@ -86,7 +87,8 @@ class PolicyNode:
         self.rules: dict[str, dict[str, dict]] = {}  # policy id -> rule id -> rule
         self.datasources: dict[str, dict] = {}       # id -> datasource
         self.tables: dict[tuple[str, str], TableSync] = {}
-        self.dsd: dict | None = None                 # last DSD heartbeat (with local receive time)
+        self.dsd: DsdHeartbeat | None = None         # last DSD heartbeat
+        self.dsd_received = 0.0                      # when it came (monotonic)
         self.outbox: asyncio.Queue[dict] = asyncio.Queue()
         self.loaded = False
         self.actions_sent = 0
@@ -121,8 +123,8 @@ class PolicyNode:
 
     def is_leader(self) -> bool:
         """Whether the DSD's last heartbeat names this PE its leader (also while no DSD or leader is known)."""
-        leader = (self.dsd or {}).get("leader")
-        return not leader or (leader.get("node"), leader.get("inc")) == (self.node_id, self.incarnation)
+        leader = self.dsd.leader if self.dsd else None
+        return not leader or (leader.node, leader.inc) == (self.node_id, self.incarnation)
 
     async def send_actions(self, bus: Bus) -> None:
         """Long-lived: publish queued requests, one message per batch; keep them while the bus is down."""
@@ -356,21 +358,20 @@ class PolicyNode:
         state.diffs += 1
         self.emit(result, cause)
 
-    async def on_dsd_heartbeat(self, data: dict) -> None:
-        epoch = data.get("epoch") or 0
+    async def on_dsd_heartbeat(self, beat: DsdHeartbeat) -> None:
+        epoch = beat.epoch or 0
         now = time.monotonic()
-        if (self.dsd is not None and epoch < (self.dsd.get("epoch") or 0)
-                and now - self.dsd["received"] < self.peer_timeout_s):
+        if (self.dsd is not None and epoch < (self.dsd.epoch or 0)
+                and now - self.dsd_received < self.peer_timeout_s):
             return   # a stale DSD (paused, replaced) still beating until it notices
         previous = self.dsd
-        self.dsd = {**data, "received": now}
-        if previous is None or previous.get("inc") != data.get("inc"):
-            log.info("DSD %s incarnation %s heard (epoch %s)", data.get("node"), data.get("inc"), data.get("epoch"))
+        self.dsd, self.dsd_received = beat, now
+        if previous is None or previous.inc != beat.inc:
+            log.info("DSD %s incarnation %s heard (epoch %s)", beat.node, beat.inc, beat.epoch)
             if previous is not None:
                 self.resend_recent()
-        tables = data.get("tables") or {}
         for state in list(self.tables.values()):
-            seen = tables.get(state.key)
+            seen = beat.tables.get(state.key)
             if not seen or seen[0] is None:
                 continue
             if (int(seen[0]), int(seen[1])) > (state.epoch, state.seq):
@@ -379,8 +380,8 @@ class PolicyNode:
                 await self.resync(state)
 
     # -- status ---------------------------------------------------------------------------------------
-    def table_status(self) -> list[dict[str, Any]]:
-        dsd_tables = (self.dsd or {}).get("tables") or {}
+    def table_status(self) -> list[TableView]:
+        dsd_tables = self.dsd.tables if self.dsd else {}
         out = []
         for state in sorted(self.tables.values(), key=lambda s: s.engine_table):
             seen = dsd_tables.get(state.key) or [None, None]
@@ -388,10 +389,10 @@ class PolicyNode:
             if seen[0] is not None:
                 lag = 0 if seen[0] == state.epoch and seen[1] <= state.seq else (
                     seen[1] - state.seq if seen[0] == state.epoch else None)
-            out.append({"table": state.engine_table, "datasource_id": state.ds_id, "epoch": state.epoch,
-                        "seq": state.seq, "dsd_epoch": seen[0], "dsd_seq": seen[1], "lag": lag,
-                        "diffs_applied": state.diffs, "rows_applied": state.rows_applied,
-                        "resyncs": state.resyncs})
+            out.append(TableView(table=state.engine_table, datasource_id=state.ds_id, epoch=state.epoch,
+                                 seq=state.seq, dsd_epoch=seen[0], dsd_seq=seen[1], lag=lag,
+                                 diffs_applied=state.diffs, rows_applied=state.rows_applied,
+                                 resyncs=state.resyncs))
         return out
 
 
