@@ -470,7 +470,7 @@ def _scenarios(ctx: click.Context, param: click.Parameter, names: tuple[str, ...
 @inventory_option
 @click.option("--scenario", "names", multiple=True, metavar="NAME", callback=_scenarios,
               help="A scenario to run (repeatable; default: all): pe-leader-kill, pe-leader-pause, "
-                   "dsd-node-fail, api-node-fail, vip-node-fail.")
+                   "dsd-node-fail, api-node-fail, vip-node-fail, bus-node-fail, bus-kill, bus-failback.")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder for the timeline pages, raw events and summary.json [default: ./failover-report].")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation: the scenarios kill processes and cut hosts.")
@@ -478,6 +478,8 @@ def _scenarios(ctx: click.Context, param: click.Parameter, names: tuple[str, ...
               help="Data changes per second pushed during each scenario.")
 @click.option("--get-rate", type=click.FloatRange(min=1), default=50, show_default=True,
               help="GETs per second through the VIP during each scenario.")
+@click.option("--write-rate", type=click.FloatRange(min=0.1), default=5, show_default=True,
+              help="Acknowledged writes (rule creates) per second through the VIP; each is checked afterwards.")
 @click.option("--pe-recovery", type=click.FloatRange(min=0), default=1.5, show_default=True,
               help="Pass mark (s) for a new DSD leader executing after a PE fault.")
 @click.option("--node-slack", type=click.FloatRange(min=0), default=2.0, show_default=True,
@@ -490,10 +492,11 @@ def _scenarios(ctx: click.Context, param: click.Parameter, names: tuple[str, ...
 @accept_new_option
 @output_option
 def failover_test(inventory_path: Path, names: list[str], report_dir: Path | None, yes: bool,
-                  push_rate: float, get_rate: float, pe_recovery: float, node_slack: float, cut_seconds: float | None,
-                  sink_address: str | None, accept_new: bool, output: str) -> None:
+                  push_rate: float, get_rate: float, write_rate: float, pe_recovery: float, node_slack: float,
+                  cut_seconds: float | None, sink_address: str | None, accept_new: bool, output: str) -> None:
     """Inject failures into a deployed cluster while a workload runs; measure detection, recovery, lost and
-    duplicated actions and failed requests; pass or fail each scenario against its thresholds.
+    duplicated actions, failed reads, the write outage and acknowledged writes lost; pass or fail each scenario
+    against its thresholds.
 
     Destructive: kills processes and cuts hosts off the network (ordinary commands over SSH), then restores
     the cluster and waits until `congressctl status` is healthy before the next scenario. Exit 0 only if
@@ -513,7 +516,7 @@ def failover_test(inventory_path: Path, names: list[str], report_dir: Path | Non
         err.print("nothing done")
         sys.exit(1)
     report_dir = report_dir or Path("failover-report")
-    options = failover.Options(push_rate=push_rate, get_rate=get_rate, cut_s=cut_seconds,
+    options = failover.Options(push_rate=push_rate, get_rate=get_rate, write_rate=write_rate, cut_s=cut_seconds,
                                sink_address=sink_address, accept_new=accept_new)
     thresholds = failover.Thresholds(pe_recovery_s=pe_recovery, node_slack_s=node_slack)
     report = failover.run(inv, names, options=options, thresholds=thresholds, report_dir=report_dir,

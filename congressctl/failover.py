@@ -29,6 +29,7 @@ from congressctl.timeline import Event
 
 WINDOW = 5
 PROBE_TABLE = "items"
+QUIET_TABLE = "quiet"     # never pushed: the acknowledged writes' rules read it, so they cost the engine nothing
 SCENARIO_SPAN = 1_000_000
 Log = Callable[[str], None]
 
@@ -38,7 +39,14 @@ DESCRIPTIONS = {
     "dsd-node-fail": "cut the host running the DSD off the network, restore it afterwards",
     "api-node-fail": "kill -9 an api-pe host's congress processes while clients query through the VIP",
     "vip-node-fail": "cut the host holding the VIP off the network, restore it afterwards",
+    "bus-node-fail": "cut the host of the promoted Redis (the bus) off the network, restore it afterwards",
+    "bus-kill": "kill -9 the promoted redis-server",
+    "bus-failback": "cut the promoted Redis's host, then bring it back under load: it must rejoin as a replica, "
+                    "take no write, lose nothing and not take the promotion back",
 }
+BUS_SCENARIOS = ("bus-node-fail", "bus-kill", "bus-failback")
+# after the cut host of bus-failback is back: long enough for corosync to rejoin and its Redis to resync
+FAILBACK_WATCH_S = 12.0
 SCENARIOS = tuple(DESCRIPTIONS)
 
 
@@ -56,15 +64,18 @@ class Thresholds:
 
     pe_recovery_s: float = 1.5
     node_slack_s: float = 2.0
+    bus_slack_s: float = 1.5        # bus faults: writes answer again within token + consensus + this
     max_lost: int = 0
     max_duplicated: int = 0
     max_failed_gets: int = 0
+    max_acked_writes_lost: int = 0
 
 
 @dataclass
 class Options:
     push_rate: float = 50.0
     get_rate: float = 50.0
+    write_rate: float = 5.0
     warmup_s: float = 2.0
     after_s: float = 3.0
     cut_s: float | None = None
@@ -90,6 +101,11 @@ class ScenarioResult:
     duplicated: int = 0
     requests: int = 0
     failed_requests: int = 0
+    writes: int = 0
+    failed_writes: int = 0
+    acked_writes_lost: int = 0
+    write_outage_s: float = 0.0
+    bus_moved_back: bool | None = None
     tables_equal: bool = False
     limits: dict = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
@@ -101,6 +117,8 @@ class ScenarioResult:
                 "detect_s": _round(self.detect_s), "recover_s": _round(self.recover_s),
                 "actions": f"{self.executed}/{self.expected_actions}", "lost": self.lost,
                 "duplicated": self.duplicated, "failed_requests": f"{self.failed_requests}/{self.requests}",
+                "writes_ok": f"{self.writes - self.failed_writes}/{self.writes}",
+                "acked_writes_lost": self.acked_writes_lost, "write_outage_s": _round(self.write_outage_s),
                 "tables_equal": self.tables_equal, "why": "; ".join(self.failures)}
 
 
@@ -212,6 +230,15 @@ def local_address_towards(address: str) -> str:
 
 
 @dataclass
+class Write:
+    """One rule create through the VIP: acknowledged (201) or not; an acknowledged one must exist afterwards."""
+
+    t: float
+    name: str
+    acked: bool
+
+
+@dataclass
 class Push:
     t: float
     k: int
@@ -227,13 +254,15 @@ class Workload:
 
     def __init__(self, api: str, push_api: str, probe: "ProbeSetup", base: int, options: Options, rec: Recorder):
         self.api, self.push_api, self.base = api, push_api, base
-        self.datasource, self.policy = probe.datasource, probe.policy
+        self.datasource, self.policy, self.writes_policy = probe.datasource, probe.policy, probe.writes_policy
         self.options, self.rec = options, rec
         self.pushes: list[Push] = []
         self.gets: list[tuple[float, bool]] = []
+        self.writes: list[Write] = []
         self.stopping = threading.Event()
         self.threads = [threading.Thread(target=self._push_loop, name="push", daemon=True),
-                        threading.Thread(target=self._get_loop, name="get", daemon=True)]
+                        threading.Thread(target=self._get_loop, name="get", daemon=True),
+                        threading.Thread(target=self._write_loop, name="write", daemon=True)]
         self.next_k = base
         self.errors: list[BaseException] = []
 
@@ -306,6 +335,24 @@ class Workload:
             self._paced(self.options.get_rate, lambda: futures.append(pool.submit(one)))
             for f in futures:
                 f.result()
+
+    def _write_loop(self) -> None:
+        url = f"{self.api}/v1/policies/{self.writes_policy}/rules"
+        with httpx.Client(timeout=httpx.Timeout(2.0, connect=1.0)) as client:
+            def step() -> None:
+                n = self.base + len(self.writes)
+                name = f"w{n}"
+                started = self.rec.now()
+                rule = f"acked(x) :- {self.datasource}:{QUIET_TABLE}(id=x), equal(x, {n})"
+                try:
+                    code = client.post(url, json={"rule": rule, "name": name}).status_code
+                    why = f"HTTP {code}"
+                except httpx.HTTPError as exc:
+                    code, why = 0, type(exc).__name__
+                self.writes.append(Write(started, name, code == 201))
+                if code != 201:
+                    self.rec.add("write", f"rule create {name} failed: {why}", ok=False, t=started)
+            self._paced(self.options.write_rate, step)
 
     def finish(self, client: httpx.Client, deadline: float) -> int:
         """One last push retried until it is applied: its window is the source the PEs must converge to."""
@@ -415,6 +462,28 @@ class Cluster:
                 return body.dsd
         raise FailoverError("no api-pe reports a DSD with a leader")
 
+    def promoted_bus(self) -> list[str]:
+        """Where Pacemaker has the bus promoted (one node; none while it fails over)."""
+        try:
+            return remote.first_reachable(self.inv, self.inv.nodes, _promoted_bus, accept_new=self.options.accept_new)
+        except NoHostAnswered as exc:
+            raise FailoverError("no host answered crm_mon") from exc
+
+    def acked_writes_lost(self, policy: str, writes: list[Write], timeout: float = 30.0) -> int:
+        """How many acknowledged rule creates the policy does not have (asked through the VIP until it answers)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                resp = self.client.get(f"{self.api}/v1/policies/{policy}/rules")
+                if resp.status_code == 200:
+                    names = {r.get("name") for r in resp.json()["results"]}
+                    return sum(1 for w in writes if w.acked and w.name not in names)
+            except (httpx.HTTPError, ValueError, KeyError):
+                pass
+            if time.monotonic() > deadline:
+                raise FailoverError(f"the rules of {policy} could not be read through the VIP")
+            time.sleep(0.5)
+
     def placement(self) -> dict[str, list[str]]:
         try:
             return remote.first_reachable(self.inv, self.inv.nodes, _running, accept_new=self.options.accept_new)
@@ -472,6 +541,13 @@ def _running(conn: remote.Connection) -> dict[str, list[str]]:
     return placement.running
 
 
+def _promoted_bus(conn: remote.Connection) -> list[str]:
+    placement = pacemaker.cluster_placement(conn)
+    if placement is None:
+        raise RemoteError("crm_mon did not answer", host=conn.host.name)
+    return placement.promoted.get("bus", [])
+
+
 def _totem_in_force(conn: remote.Connection) -> tuple[int, int]:
     out = conn.run("corosync-cmapctl -g runtime.config.totem.token runtime.config.totem.consensus", timeout=20).stdout
     values = dict(line.split(" (u32) = ") for line in out.splitlines() if " (u32) = " in line)
@@ -480,6 +556,10 @@ def _totem_in_force(conn: remote.Connection) -> tuple[int, int]:
     if not (token and consensus):
         raise RemoteError("corosync-cmapctl printed no totem token and consensus", host=conn.host.name)
     return int(token), int(consensus)
+
+
+# kill -9 the host's redis-server (one per host); prints its pid
+BUS_KILL = 'pid=$(pgrep -x redis-server | head -n1); test -n "$pid" && kill -9 $pid && echo $pid'
 
 
 def kill_command(role: str, sig: str) -> str:
@@ -504,18 +584,20 @@ class Fault:
     """What a scenario did: its target, when the fault began, and what tells that the service recovered."""
 
     target: str
-    recovery: str             # first-action | api-back | pe-back
+    recovery: str             # first-action | api-back | write-back | pe-back
     limit_s: float
     restore_at: float | None = None
     restore: Callable[[], None] | None = None
     detected_at: float | None = None
     survivor: Node | None = None
     new_dsd: bool = False     # recovery counts only actions run by another DSD instance than before the fault
+    killed: str | None = None  # the resource whose process was killed: Pacemaker detects it stopped or failed
+    hold_until: float | None = None   # the workload goes on at least until then (a returning host under load)
 
 
-def _node_limit(cluster: "Cluster", thresholds: Thresholds) -> float:
+def _node_limit(cluster: "Cluster", slack_s: float) -> float:
     token, consensus = cluster.totem()
-    return (token + consensus) / 1000 + thresholds.node_slack_s
+    return (token + consensus) / 1000 + slack_s
 
 
 def _cut_seconds(cluster: "Cluster") -> float:
@@ -529,6 +611,12 @@ def target_of(name: str, cluster: Cluster) -> Node:
         return cluster.inv.node(cluster.dsd_view().leader.node)
     if name == "api-node-fail":
         return _api_victim(cluster)
+    if name in BUS_SCENARIOS:
+        promoted = cluster.promoted_bus()
+        if len(promoted) != 1:
+            raise FailoverError(f"{name}: the bus is promoted on {len(promoted)} nodes, not one (one bus node has "
+                                "no replica to fail over to: give three nodes the bus role)")
+        return cluster.inv.node(promoted[0])
     where = "dsd" if name == "dsd-node-fail" else "vip"
     running = cluster.placement().get(where) or []
     if not running:
@@ -550,15 +638,23 @@ def inject(name: str, node: Node, cluster: Cluster, thresholds: Thresholds, rec:
     if name == "api-node-fail":
         killed = cluster.ssh(node, kill_command("api-pe", "KILL") + "; " + kill_command("dsd", "KILL") + "; true")
         rec.add("fault", f"kill -9 congress processes on {node.name} (pids {' '.join(killed.split())})")
-        return Fault(node.name, "pe-back", 60.0, survivor=next(n for n in inv.nodes if n.name != node.name))
+        return Fault(node.name, "pe-back", 60.0, survivor=next(n for n in inv.nodes if n.name != node.name),
+                     killed="api-pe")
+    survivor = next(n for n in inv.nodes if n.name != node.name)
+    if name == "bus-kill":
+        pid = cluster.ssh(node, BUS_KILL).strip()
+        rec.add("fault", f"kill -9 redis-server pid {pid} on {node.name}")
+        return Fault(node.name, "write-back", _node_limit(cluster, thresholds.bus_slack_s), survivor=survivor,
+                     killed="bus")
     seconds = _cut_seconds(cluster)
     cluster.ssh(node, cut_command(node.address, seconds))
     t = rec.add("fault", f"{node.name} cut off the network for {seconds:.1f}s", t=rec.now() + 0.3)
     rec.add("restore", f"{node.name} back on the network", t=t + seconds)
-    recovery = "first-action" if name == "dsd-node-fail" else "api-back"
-    survivor = next(n for n in inv.nodes if n.name != node.name)
-    return Fault(node.name, recovery, _node_limit(cluster, thresholds), restore_at=t + seconds + 0.5,
-                 survivor=survivor, new_dsd=name == "dsd-node-fail")
+    recovery = {"dsd-node-fail": "first-action", "vip-node-fail": "api-back"}.get(name, "write-back")
+    slack = thresholds.bus_slack_s if name in BUS_SCENARIOS else thresholds.node_slack_s
+    return Fault(node.name, recovery, _node_limit(cluster, slack), restore_at=t + seconds + 0.5,
+                 survivor=survivor, new_dsd=name == "dsd-node-fail",
+                 hold_until=t + seconds + FAILBACK_WATCH_S if name == "bus-failback" else None)
 
 
 def _api_victim(cluster: Cluster) -> Node:
@@ -582,15 +678,19 @@ class ProbeSetup:
     def __init__(self, cluster: Cluster, sink: Sink):
         suffix = uuid.uuid4().hex[:8]
         self.datasource, self.policy = f"failover_source_{suffix}", f"failover_policy_{suffix}"
+        self.writes_policy = f"failover_writes_{suffix}"
         self.cluster = cluster
         cluster.call("POST", "/v1/data-sources", {
             "name": self.datasource, "driver": "push",
-            "config": {"tables": {PROBE_TABLE: {"columns": ["id"]}}, "action_url": sink.url}})
+            "config": {"tables": {PROBE_TABLE: {"columns": ["id"]}, QUIET_TABLE: {"columns": ["id"]}},
+                       "action_url": sink.url}})
         cluster.call("POST", "/v1/policies", {"name": self.policy})
+        cluster.call("POST", "/v1/policies", {"name": self.writes_policy})
         cluster.call("POST", f"/v1/policies/{self.policy}/rules",
                      {"rule": f"execute[{self.datasource}:notify(x)] :- {self.datasource}:{PROBE_TABLE}(id=x)"})
 
     def remove(self) -> None:
+        self.cluster.call("DELETE", f"/v1/policies/{self.writes_policy}", expect=(200, 204, 404))
         self.cluster.call("DELETE", f"/v1/policies/{self.policy}", expect=(200, 204, 404))
         self.cluster.call("DELETE", f"/v1/data-sources/{self.datasource}", expect=(200, 204, 404))
 
@@ -628,11 +728,14 @@ def run_scenario(name: str, index: int, cluster: Cluster, *, probe: ProbeSetup, 
         fault = inject(name, target, cluster, thresholds, rec)
         scenario = ScenarioRun(cluster, workload, watcher, sink, sink_start, rec, fault, rec.first("fault"))
         recovered = _drive(scenario)
+        if name == "bus-failback":
+            result.bus_moved_back = target.name in cluster.promoted_bus()
     finally:
         workload.stop()
         watcher.stop()
     last = workload.finish(cluster.client, time.monotonic() + 30)
     _settle(result, cluster, probe, source=workload.window(last))
+    result.acked_writes_lost = cluster.acked_writes_lost(probe.writes_policy, workload.writes)
     _figures(result, scenario, recovered=recovered, thresholds=thresholds)
     if report_dir:
         _write_report(report_dir, result, rec, timings_summary(timings_of(cluster, thresholds)))
@@ -666,7 +769,7 @@ def _drive_until_done(scenario: ScenarioRun, watch: "_PacemakerWatch | None") ->
             if recovered is not None:
                 rec.add("recovered", f"{fault.recovery} after {recovered - t_fault:.3f}s", t=recovered)
         settled = (recovered if recovered is not None else deadline) + options.after_s
-        if fault.restore is None and now >= max(settled, fault.restore_at or 0.0):
+        if fault.restore is None and now >= max(settled, fault.restore_at or 0.0, fault.hold_until or 0.0):
             return recovered
         time.sleep(0.05)
 
@@ -710,13 +813,15 @@ class _PacemakerWatch:
         placement = pacemaker.parse_crm_mon(xml_text)
         if target in placement.offline:
             return f"{target} offline"
-        if self.fault.recovery != "pe-back":
+        killed = self.fault.killed
+        if killed is None:
             return None
-        if target not in placement.on("api-pe"):
-            return f"api-pe on {target} not running"
+        running = placement.promoted.get(killed, []) if killed == "bus" else placement.on(killed)
+        if target not in running:
+            return f"{killed} on {target} not {'promoted' if killed == 'bus' else 'running'}"
         failures = pacemaker.failed_operations(xml_text)
-        if any(node == target and op_key.startswith("api-pe") for node, op_key in failures):
-            return f"a failed api-pe operation on {target}"
+        if any(node == target and op_key.startswith(f"{killed}_") for node, op_key in failures):
+            return f"a failed {killed} operation on {target}"
         return None
 
 
@@ -732,13 +837,34 @@ def _recovered_at(scenario: ScenarioRun) -> float | None:
                 return t - rec.t0
         return None
     if fault.recovery == "api-back":
-        gets = sorted(list(scenario.workload.gets))
-        failed = [t for t, ok in gets if not ok and t > t_fault]
-        if not failed:
-            return t_fault if rec.now() > t_fault + 2.0 and gets and gets[-1][1] else None
-        return next((t for t, ok in gets if ok and t > failed[-1]), None)
+        return back_at(sorted(scenario.workload.gets), t_fault=t_fault, now=rec.now())
+    if fault.recovery == "write-back":
+        return back_at(sorted((w.t, w.acked) for w in scenario.workload.writes), t_fault=t_fault, now=rec.now())
     answer = scenario.cluster.node_status(fault.target)
     return rec.now() if answer and answer.healthy else None
+
+
+def back_at(samples: list[tuple[float, bool]], *, t_fault: float, now: float) -> float | None:
+    """When requests (start time, succeeded) succeeded again after the last failure since the fault: the fault
+    itself when none failed (once 2 s have shown it), None while the last one still failed."""
+    failed = [t for t, ok in samples if not ok and t > t_fault]
+    if not failed:
+        return t_fault if now > t_fault + 2.0 and samples and samples[-1][1] else None
+    return next((t for t, ok in samples if ok and t > failed[-1]), None)
+
+
+def write_outage(writes: list[Write]) -> float:
+    """The longest stretch of failed writes: from the first of a run of failures to the next acknowledged write
+    (or to the last failure, when none followed)."""
+    longest, since = 0.0, None
+    for w in sorted(writes, key=lambda w: w.t):
+        if not w.acked and since is None:
+            since = w.t
+        elif w.acked and since is not None:
+            longest, since = max(longest, w.t - since), None
+    if since is not None:
+        longest = max(longest, max(w.t for w in writes) - since)
+    return longest
 
 
 def _settle(result: ScenarioResult, cluster: Cluster, probe: ProbeSetup, *, source: list[list[int]]) -> None:
@@ -786,6 +912,9 @@ def _figures(result: ScenarioResult, scenario: ScenarioRun, *, recovered: float 
     gets = list(workload.gets)
     result.requests = len(gets)
     result.failed_requests = sum(1 for _, ok in gets if not ok)
+    result.writes = len(workload.writes)
+    result.failed_writes = sum(1 for w in workload.writes if not w.acked)
+    result.write_outage_s = write_outage(workload.writes)
     result.detect_s = _detected(result.name, scenario.watcher, scenario.fault.detected_at, t_fault)
     if result.detect_s is not None and scenario.fault.detected_at is None:
         rec.add("detected", f"DSD leader changed after {result.detect_s:.3f}s", t=t_fault + result.detect_s)
@@ -807,7 +936,7 @@ def _detected(name: str, watcher: Watcher, detected_at: float | None, t_fault: f
 
     The DSD stamps its leader change with its own clock; that stamp is used when it falls between the fault
     and the moment it was seen (same clock in the lab, NTP on real hosts), else the observation time."""
-    if name in ("dsd-node-fail", "vip-node-fail", "api-node-fail"):
+    if name in ("dsd-node-fail", "vip-node-fail", "api-node-fail", *BUS_SCENARIOS):
         return None if detected_at is None else detected_at - t_fault
     for seen, _, stamped in watcher.leader_changes[1:]:
         if seen >= t_fault:
@@ -827,6 +956,12 @@ def _judge(result: ScenarioResult, fault: Fault, thresholds: Thresholds) -> None
                   "duplicated": thresholds.max_duplicated}
     elif result.name == "vip-node-fail":
         limits = {"recover_s": fault.limit_s}
+    elif result.name in BUS_SCENARIOS:
+        limits = {"write_outage_s": fault.limit_s, "failed_requests": thresholds.max_failed_gets,
+                  "lost": thresholds.max_lost, "duplicated": thresholds.max_duplicated}
+    limits["acked_writes_lost"] = thresholds.max_acked_writes_lost
+    if result.bus_moved_back:
+        result.failures.append(f"the bus promotion moved back to {result.target} when it returned")
     result.limits = limits
     for key, limit in limits.items():
         value = getattr(result, key)
@@ -855,16 +990,18 @@ def timings_of(cluster: Cluster, thresholds: Thresholds) -> dict:
     return asdict(cluster.inv.timings) | {
         "corosync_token_in_force_ms": token, "corosync_consensus_in_force_ms": consensus,
         "node_recovery_limit_s": (token + consensus) / 1000 + thresholds.node_slack_s,
+        "bus_recovery_limit_s": (token + consensus) / 1000 + thresholds.bus_slack_s,
         "thresholds": asdict(thresholds), "push_rate": cluster.options.push_rate,
-        "get_rate": cluster.options.get_rate}
+        "get_rate": cluster.options.get_rate, "write_rate": cluster.options.write_rate}
 
 
 def timings_summary(t: dict) -> str:
     return (f"heartbeat {t['heartbeat_interval_ms']} ms, peer_timeout {t['peer_timeout_ms']} ms; corosync token "
             f"{t['corosync_token_in_force_ms']} ms + consensus {t['corosync_consensus_in_force_ms']} ms in force "
             f"(inventory: {t['corosync_token_ms']} + {t['corosync_consensus_ms']}); node faults must recover within "
-            f"{t['node_recovery_limit_s']:.2f} s, PE faults within {t['thresholds']['pe_recovery_s']} s; "
-            f"workload {t['push_rate']:g} pushes/s, {t['get_rate']:g} GETs/s")
+            f"{t['node_recovery_limit_s']:.2f} s, PE faults within {t['thresholds']['pe_recovery_s']} s, bus writes "
+            f"within {t['bus_recovery_limit_s']:.2f} s; workload {t['push_rate']:g} pushes/s, {t['get_rate']:g} "
+            f"GETs/s, {t['write_rate']:g} acknowledged writes/s")
 
 
 # ------------------------------------------------------------------------------------------- the run
