@@ -51,8 +51,10 @@ def test_timings_summary_names_what_was_in_force():
     text = failover.timings_summary({
         "heartbeat_interval_ms": 200, "peer_timeout_ms": 1000, "corosync_token_ms": 1000,
         "corosync_consensus_ms": 1200, "corosync_token_in_force_ms": 1650, "corosync_consensus_in_force_ms": 1200,
-        "node_recovery_limit_s": 4.85, "thresholds": {"pe_recovery_s": 1.5}, "push_rate": 50, "get_rate": 50})
+        "node_recovery_limit_s": 4.85, "bus_recovery_limit_s": 4.35, "thresholds": {"pe_recovery_s": 1.5},
+        "push_rate": 50, "get_rate": 50, "write_rate": 5})
     assert "token 1650 ms + consensus 1200 ms in force" in text and "4.85 s" in text
+    assert "bus writes within 4.35 s" in text and "5 acknowledged writes/s" in text
 
 
 @pytest.fixture(scope="module")
