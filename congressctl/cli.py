@@ -7,7 +7,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import click
 from rich.console import Console
@@ -186,7 +186,7 @@ class HostProgress:
     def __call__(self, host: str, step: str) -> None:
         self.progress.update(self.tasks[host], description=step)
 
-    def __enter__(self) -> "HostProgress":
+    def __enter__(self) -> Self:
         self.progress.__enter__()
         return self
 

@@ -20,12 +20,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import threading
+import time
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -184,7 +184,8 @@ def _source_copy(root: Path, into: Path) -> Path:
 
 def _pip(args: list[str], timeout: float) -> None:
     try:
-        proc = subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True, timeout=timeout,
+                              check=False)
     except subprocess.TimeoutExpired:
         raise ToolTimeoutError(f"building the wheelhouse: `pip {args[0]}` did not finish within {timeout:g} s "
                                "(killed)") from None
@@ -275,11 +276,11 @@ def _collect(group: remote.GroupResult, reports: dict[str, HostReport]) -> None:
         report.step = outcome.step or report.step
 
 
-def _push_host(inv: Inventory, node: Node, files: list[RenderedFile], wheelhouses: "_Wheelhouses", report: HostReport,
+def _push_host(inv: Inventory, node: Node, files: list[RenderedFile], wheelhouses: _Wheelhouses, report: HostReport,
                accept_new: bool, progress: Progress | None) -> None:
     step = _Steps(report, progress)
     step("connect")
-    with _failing_as(report), remote.connect(inv, node, accept_new) as conn:
+    with _FailingAs(report), remote.connect(inv, node, accept_new) as conn:
         step("install congressctl")
         version = conn.run("python3 -c 'import platform; print(platform.python_version())'", timeout=30).stdout
         report.installed = _install_package(conn, wheelhouses.get(version.strip()))
@@ -305,7 +306,7 @@ class _Wheelhouses:
             return self.built[python_version]
 
 
-class _failing_as:
+class _FailingAs:
     """Turn any failure inside a host's work into a DeployError naming the host and the step."""
 
     def __init__(self, report: HostReport):
@@ -369,7 +370,7 @@ def _roll_back(inv: Inventory, reports: dict[str, HostReport], progress: Progres
 def _start_stack(inv: Inventory, node: Node, report: HostReport, progress: Progress | None) -> None:
     step = _Steps(report, progress)
     step("start cluster stack")
-    with _failing_as(report), remote.connect(inv, node) as conn:
+    with _FailingAs(report), remote.connect(inv, node) as conn:
         if "/etc/corosync/corosync.conf" in report.changed:
             out = conn.run(f"{CLUSTER_SCRIPT} reload-corosync", timeout=30).stdout
             report.restarted += _actions(out)
@@ -488,7 +489,7 @@ def _dry_run(inv: Inventory, accept_new: bool, progress: Progress | None, max_wo
     def diff(host: remote.Host) -> None:
         report = reports[host.name]
         _Steps(report, progress)("diff")
-        with _failing_as(report), remote.connect(inv, inv.node(host.name), accept_new) as conn:
+        with _FailingAs(report), remote.connect(inv, inv.node(host.name), accept_new) as conn:
             chunks = []
             for f in rendered[host.name]:
                 current = conn.read_file(f.path)

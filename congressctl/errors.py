@@ -47,7 +47,7 @@ class InventoryError(CongressctlError):
 
     exit_code = 2
 
-    def __init__(self, problems: list["CongressctlError"] | None = None, message: str | None = None, **kw):
+    def __init__(self, problems: list[CongressctlError] | None = None, message: str | None = None, **kw):
         self.problems = problems or []
         super().__init__(message or "\n".join(str(p) for p in self.problems), **kw)
 

@@ -7,6 +7,7 @@ Faults are ordinary commands over SSH (kill, ip link), so the same scenarios run
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import shlex
@@ -14,10 +15,10 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import httpx
 
@@ -163,7 +164,7 @@ class Sink:
         sink = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server API
+            def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
                 body["executor"] = self.headers.get("X-Congress-Executor")
                 with sink.lock:
@@ -225,7 +226,7 @@ class Workload:
     process and is applied when it resumes would bring old rows back (each a new action) and hide what the
     scenario measures."""
 
-    def __init__(self, api: str, push_api: str, probe: "ProbeSetup", base: int, options: Options, rec: Recorder):
+    def __init__(self, api: str, push_api: str, probe: ProbeSetup, base: int, options: Options, rec: Recorder):
         self.api, self.push_api, self.base = api, push_api, base
         self.datasource, self.policy = probe.datasource, probe.policy
         self.options, self.rec = options, rec
@@ -449,10 +450,8 @@ class Cluster:
 
     def cleanup(self) -> None:
         """Forget failures Pacemaker counted, so the next scenario starts from a clean slate."""
-        try:
+        with contextlib.suppress(NoHostAnswered):
             remote.first_reachable(self.inv, self.inv.nodes, pacemaker.cleanup, accept_new=self.options.accept_new)
-        except NoHostAnswered:
-            pass
 
     def rows_on(self, name: str, datasource: str) -> list | None:
         try:
@@ -513,12 +512,12 @@ class Fault:
     new_dsd: bool = False     # recovery counts only actions run by another DSD instance than before the fault
 
 
-def _node_limit(cluster: "Cluster", thresholds: Thresholds) -> float:
+def _node_limit(cluster: Cluster, thresholds: Thresholds) -> float:
     token, consensus = cluster.totem()
     return (token + consensus) / 1000 + thresholds.node_slack_s
 
 
-def _cut_seconds(cluster: "Cluster") -> float:
+def _cut_seconds(cluster: Cluster) -> float:
     token, consensus = cluster.totem()
     return cluster.options.cut_s or (token + consensus) / 1000 + 8.0
 
@@ -649,7 +648,7 @@ def _drive(scenario: ScenarioRun) -> float | None:
             watch.close()
 
 
-def _drive_until_done(scenario: ScenarioRun, watch: "_PacemakerWatch | None") -> float | None:
+def _drive_until_done(scenario: ScenarioRun, watch: _PacemakerWatch | None) -> float | None:
     fault, rec, t_fault = scenario.fault, scenario.rec, scenario.t_fault
     options = scenario.cluster.options
     deadline = t_fault + options.recovery_timeout_s
@@ -732,7 +731,7 @@ def _recovered_at(scenario: ScenarioRun) -> float | None:
                 return t - rec.t0
         return None
     if fault.recovery == "api-back":
-        gets = sorted(list(scenario.workload.gets))
+        gets = sorted(scenario.workload.gets)
         failed = [t for t, ok in gets if not ok and t > t_fault]
         if not failed:
             return t_fault if rec.now() > t_fault + 2.0 and gets and gets[-1][1] else None

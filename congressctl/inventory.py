@@ -10,9 +10,10 @@ import difflib
 import ipaddress
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -204,7 +205,7 @@ class _Map:
             return None
         return value
 
-    def mapping(self, key: str, required: bool = False) -> "_Map | None":
+    def mapping(self, key: str, required: bool = False) -> _Map | None:
         node = self.raw(key)
         if node is None:
             if required:

@@ -31,10 +31,10 @@ import sys
 import time
 import uuid
 import zlib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import yaml
 
@@ -673,7 +673,8 @@ def _ip(*args: str) -> subprocess.CompletedProcess:
 
 def _run(cmd: list[str], check: bool = True) -> subprocess.CompletedProcess:
     try:
-        done = subprocess.run(cmd, capture_output=True, env=HOST_ENV, timeout=CMD_TIMEOUT_S, stdin=subprocess.DEVNULL)
+        done = subprocess.run(cmd, capture_output=True, env=HOST_ENV, timeout=CMD_TIMEOUT_S, stdin=subprocess.DEVNULL,
+                              check=False)
     except subprocess.TimeoutExpired:
         raise LabError(f"{shlex.join(cmd)} did not finish within {CMD_TIMEOUT_S:.0f} s") from None
     except OSError as e:
@@ -706,7 +707,8 @@ def _registry_lock():
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise LabError(f"another lab up/down held {REGISTRY_DIR / '.lock'} for {LOCK_TIMEOUT_S:.0f} s")
+                    raise LabError(f"another lab up/down held {REGISTRY_DIR / '.lock'} for "
+                                   f"{LOCK_TIMEOUT_S:.0f} s") from None
                 time.sleep(0.2)
         yield
 

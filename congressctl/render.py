@@ -1,7 +1,7 @@
 """Inventory model -> every config file, per node and once per cluster. Deterministic: same input, same bytes.
 
-Templates live in templates/ (reached through the link congressctl/templates, so wheels carry them). No config text is built in
-Python: each file is one template, rendered with StrictUndefined (and autoescape for XML).
+Templates live in templates/ (reached through the link congressctl/templates, so wheels carry them). No config text is
+built in Python: each file is one template, rendered with StrictUndefined (and autoescape for XML).
 """
 
 from __future__ import annotations

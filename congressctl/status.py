@@ -200,7 +200,7 @@ def _unprefixed(error: str | None, node: Node) -> str:
     """RemoteError text starts with 'host NAME: '; the report already says which host."""
     error = error or "unknown error"
     prefix = f"host {node.name}: "
-    return error[len(prefix):] if error.startswith(prefix) else error
+    return error.removeprefix(prefix)
 
 
 def _sample_host(inv: Inventory, node: Node, accept_new: bool, timeout: float) -> HostSample:

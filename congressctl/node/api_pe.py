@@ -15,14 +15,15 @@ import re
 import socket
 import time
 import uuid
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from congressctl.bus import Bus
 from congressctl.errors import BusError, DatasourceConfigError, PolicyError
@@ -31,8 +32,16 @@ from congressctl.node.drivers import coerce_rows, normalize_datasource, table_co
 from congressctl.node.pe import PolicyNode, rows_of
 from congressctl.node.runtime import BusWorker
 from congressctl.node.store import Store
-from congressctl.payloads import (ActionsView, ApiPeStatus, BusView, DriverStatus, DsdHeartbeat, DsdView,
-                                  PeerView, PeHeartbeat)
+from congressctl.payloads import (
+    ActionsView,
+    ApiPeStatus,
+    BusView,
+    DriverStatus,
+    DsdHeartbeat,
+    DsdView,
+    PeerView,
+    PeHeartbeat,
+)
 
 log = logging.getLogger("congressctl.api")
 
@@ -91,7 +100,7 @@ def public_rule(rule: dict) -> dict:
 class Api:
     """Route handlers; each one is a small method, errors are raised as ApiError / named exceptions."""
 
-    def __init__(self, node: "ApiPeNode"):
+    def __init__(self, node: ApiPeNode):
         self.node = node
         self.pe = node.pe
         self.store = node.store
@@ -317,7 +326,7 @@ class Api:
 
     async def show_datasource_table(self, request: Request) -> Response:
         """One table of a datasource."""
-        ds, table = await self._ds_table(request)
+        _, table = await self._ds_table(request)
         return JSONResponse({"id": table})
 
     async def datasource_schema(self, request: Request) -> Response:
@@ -541,7 +550,7 @@ class ApiPeNode(BusWorker):
             sock.bind((self.cfg.api.bind, self.cfg.api.port))
         except OSError as exc:
             sock.close()
-            raise BusError(f"cannot bind the API to {self.cfg.api.bind}:{self.cfg.api.port}: {exc.strerror}")
+            raise BusError(f"cannot bind the API to {self.cfg.api.bind}:{self.cfg.api.port}: {exc.strerror}") from exc
         sock.listen(512)
         sock.setblocking(False)
         self.sock = sock

@@ -18,8 +18,9 @@ import re
 import ssl
 import time
 import urllib.parse
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import httpx
 
@@ -157,7 +158,7 @@ class Driver:
 
     ds: dict
     http: httpx.AsyncClient
-    poster: "HttpPoster"
+    poster: HttpPoster
     status: DriverStatus = field(default_factory=DriverStatus)
 
     @property
@@ -255,10 +256,10 @@ class HttpPoster:
                     if conn is None:
                         conn = await self._open(key)
                     status, keep = await self._exchange(conn, head + body)
-            except (OSError, EOFError, ValueError, asyncio.IncompleteReadError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, OSError, EOFError, ValueError, asyncio.IncompleteReadError) as exc:
                 if conn is not None:
                     conn[1].close()
-                if reused and not isinstance(exc, asyncio.TimeoutError):
+                if reused and not isinstance(exc, TimeoutError):
                     continue
                 raise ActionDeliveryError(f"POST {url}: {type(exc).__name__}: {exc}") from None
             if keep:

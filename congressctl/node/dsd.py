@@ -61,7 +61,7 @@ class Request:
     received: float = 0.0
 
     @classmethod
-    def from_message(cls, data: dict, pe: PeerKey, now: float) -> "Request":
+    def from_message(cls, data: dict, pe: PeerKey, now: float) -> Request:
         return cls(id=str(data["id"]), datasource=str(data["ds"]), action=str(data["action"]),
                    args=list(data.get("args", [])), pe=pe, direct=bool(data.get("direct", False)), received=now)
 
@@ -123,7 +123,7 @@ class Leadership:
 
     def tick(self, now: float) -> list[Request]:
         """Expire old buffered requests and forgotten peers; replace a leader silent for peer_timeout."""
-        for pe, buf in self.buffers.items():
+        for buf in self.buffers.values():
             while buf:
                 first = next(iter(buf.values()))
                 if now - first.received <= self.buffer_s:

@@ -21,8 +21,9 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, Coroutine
+from typing import Any
 
 from congressctl.bus import Channels, make_redis, new_incarnation
 from congressctl.node.config import NodeConfig
@@ -160,7 +161,7 @@ class Worker:
         await self.tasks.cancel_all()
         try:
             await asyncio.wait_for(self.shutdown(), 0.5)
-        except (asyncio.TimeoutError, Exception) as exc:  # noqa: BLE001 - shutdown must not hang or raise
+        except (TimeoutError, Exception) as exc:  # noqa: BLE001 - shutdown must not hang or raise
             log.warning("shutdown incomplete: %s", exc)
         log.info("stopped, exit code %d (pid %d)", code, os.getpid())
         return code

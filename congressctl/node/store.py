@@ -18,8 +18,9 @@ Keys (prefix congress:<cluster>:):
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import redis.asyncio as aioredis
 

@@ -12,8 +12,9 @@ existentially quantified ("no row with id=x").
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, Protocol
+from typing import Protocol
 
 from congressctl.policy.builtins import BUILTINS, Builtin
 from congressctl.policy.syntax import Atom, Statement, Term, Var, rule_error

@@ -16,8 +16,9 @@ bound columns, looked up through a hash index on exactly those columns.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from congressctl.policy.builtins import NO
 from congressctl.policy.checks import Literal, Rule
@@ -63,7 +64,8 @@ def compile_rule(rule: Rule, tables: Mapping[str, Table], now: Callable[[], str]
             triggers.append((i, lit, cols))
     source = "\n\n".join(sources) + "\n"
     namespace = module.namespace
-    exec(compile(source, f"<rule {rule.policy}: {rule.text}>", "exec"), namespace)
+    code = compile(source, f"<rule {rule.policy}: {rule.text}>", "exec")
+    exec(code, namespace)  # noqa: S102 - runs the plans generated above; rule values reach them through namespace
     head = tables[rule.head]
     compiled_triggers = []
     for i, lit, cols in triggers:
