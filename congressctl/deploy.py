@@ -26,13 +26,14 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
 
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 import congressctl
 from congressctl import pacemaker, remote
-from congressctl.errors import CongressctlError, DeployError, NoHostAnswered, ToolTimeoutError
+from congressctl.errors import CongressctlError, DeployError, NoHostAnswered, RemoteError, ToolTimeoutError
 from congressctl.files import atomic_write
 from congressctl.inventory import Inventory, Node
 from congressctl.render import CIB_PATH, SBIN_DIR, RenderedFile, Secrets, render_all
@@ -315,9 +316,10 @@ class _FailingAs:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         if exc is None or isinstance(exc, DeployError):
-            return False
+            return
         message = exc.message if isinstance(exc, CongressctlError) else f"{type(exc).__name__}: {exc}"
         raise DeployError(message, host=self.report.host, step=self.report.step) from exc
 
@@ -439,9 +441,17 @@ def _load_cib(conn: remote.Connection, inv: Inventory, changed: bool, result: De
     existed = 'id="api-pe-clone"' in current.stdout
     if existed and not changed:
         return True
-    pacemaker.replace_configuration(conn, conn.read_file(CIB_PATH))
+    pacemaker.replace_configuration(conn, _pushed_cib(conn))
     result.cib_loaded = True
     return existed
+
+
+def _pushed_cib(conn: remote.Connection) -> bytes:
+    """The CIB file this deploy pushed to the host before loading it."""
+    cib = conn.read_file(CIB_PATH)
+    if cib is None:
+        raise RemoteError(f"{CIB_PATH} is gone from the host it was pushed to", host=conn.host.name)
+    return cib
 
 
 def _restart_changed(conn: remote.Connection, changed_paths: set[str], result: DeployResult) -> None:
@@ -460,7 +470,7 @@ def _wait_ready(conn: remote.Connection, inv: Inventory, result: DeployResult, d
         placement = pacemaker.cluster_placement(conn)
         problems = pacemaker.placement_problems(inv, placement) if placement else ["crm_mon did not answer"]
         if placement and not placement.running and not placement.stopped:
-            pacemaker.replace_configuration(conn, conn.read_file(CIB_PATH))
+            pacemaker.replace_configuration(conn, _pushed_cib(conn))
         if not problems and not _api_healthy(conn, inv):
             problems = [f"the API through the VIP {inv.vip.address}:{inv.api_port} is not healthy yet"]
         if not problems:

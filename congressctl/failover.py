@@ -181,7 +181,7 @@ class Sink:
             daemon_threads = True
 
         self.server = Server((address, port), Handler)
-        self.address, self.port = self.server.server_address[:2]
+        self.address, self.port = self.server.socket.getsockname()[:2]   # server_address's type allows bytes
         self.thread = threading.Thread(target=self.server.serve_forever, name="sink", daemon=True)
         self.thread.start()
 
@@ -206,7 +206,7 @@ def local_address_towards(address: str) -> str:
     """The address of this machine that the cluster's hosts reach it by (the route towards a node)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.connect((address, 9))
-        return s.getsockname()[0]
+        return str(s.getsockname()[0])
 
 
 # ------------------------------------------------------------------------------------------- workload
@@ -416,6 +416,12 @@ class Cluster:
                 return body.dsd
         raise FailoverError("no api-pe reports a DSD with a leader")
 
+    def dsd_leader(self) -> str:
+        """The api-pe node that leads the DSD."""
+        leader = self.dsd_view().leader
+        assert leader is not None   # dsd_view answers only with a DSD that has a leader
+        return leader.node
+
     def placement(self) -> dict[str, list[str]]:
         try:
             return remote.first_reachable(self.inv, self.inv.nodes, _running, accept_new=self.options.accept_new)
@@ -506,7 +512,7 @@ class Fault:
     recovery: str             # first-action | api-back | pe-back
     limit_s: float
     restore_at: float | None = None
-    restore: Callable[[], None] | None = None
+    restore: Callable[[], object] | None = None
     detected_at: float | None = None
     survivor: Node | None = None
     new_dsd: bool = False     # recovery counts only actions run by another DSD instance than before the fault
@@ -525,7 +531,7 @@ def _cut_seconds(cluster: Cluster) -> float:
 def target_of(name: str, cluster: Cluster) -> Node:
     """The host a scenario will hit, chosen before the workload starts (the DSD's leader is sticky)."""
     if name in ("pe-leader-kill", "pe-leader-pause"):
-        return cluster.inv.node(cluster.dsd_view().leader.node)
+        return cluster.inv.node(cluster.dsd_leader())
     if name == "api-node-fail":
         return _api_victim(cluster)
     where = "dsd" if name == "dsd-node-fail" else "vip"
@@ -564,7 +570,7 @@ def _api_victim(cluster: Cluster) -> Node:
     """An api-pe host that is not holding the VIP; one that does not lead the DSD when there is a choice."""
     running = cluster.placement()
     vip = set(running.get("vip", []))
-    leader = cluster.dsd_view().leader.node
+    leader = cluster.dsd_leader()
     candidates = [n for n in cluster.inv.with_role("api-pe") if n.name not in vip]
     if not candidates:
         raise FailoverError("api-node-fail: every api-pe host holds the VIP; nothing to fail without the VIP")
@@ -625,7 +631,9 @@ def run_scenario(name: str, index: int, cluster: Cluster, *, probe: ProbeSetup, 
     try:
         time.sleep(options.warmup_s)
         fault = inject(name, target, cluster, thresholds, rec)
-        scenario = ScenarioRun(cluster, workload, watcher, sink, sink_start, rec, fault, rec.first("fault"))
+        t_fault = rec.first("fault")
+        assert t_fault is not None   # inject() recorded the fault
+        scenario = ScenarioRun(cluster, workload, watcher, sink, sink_start, rec, fault, t_fault)
         recovered = _drive(scenario)
     finally:
         workload.stop()
@@ -676,7 +684,8 @@ class _PacemakerWatch:
     when Pacemaker restarted it between two looks)."""
 
     def __init__(self, cluster: Cluster, fault: Fault, rec: Recorder):
-        self.cluster, self.fault, self.rec = cluster, fault, rec
+        assert fault.survivor is not None   # _drive watches only a fault that leaves a survivor to ask
+        self.cluster, self.fault, self.rec, self.survivor = cluster, fault, rec, fault.survivor
         self.next_poll = 0.0
         self.conn: remote.Connection | None = None
 
@@ -692,7 +701,7 @@ class _PacemakerWatch:
         asked = self.rec.now()
         try:
             if self.conn is None:
-                self.conn = remote.connect(self.cluster.inv, self.fault.survivor, self.cluster.options.accept_new)
+                self.conn = remote.connect(self.cluster.inv, self.survivor, self.cluster.options.accept_new)
             xml_text = pacemaker.crm_mon_xml(self.conn, timeout=5)
         except CongressctlError:
             self.close()
@@ -701,7 +710,7 @@ class _PacemakerWatch:
             return
         seen = self._seen(xml_text)
         if seen:
-            self.fault.detected_at = self.rec.add("detected", f"Pacemaker on {self.fault.survivor.name} sees {seen}",
+            self.fault.detected_at = self.rec.add("detected", f"Pacemaker on {self.survivor.name} sees {seen}",
                                                  t=asked)
 
     def _seen(self, xml_text: str) -> str | None:
@@ -759,7 +768,7 @@ def _settle(result: ScenarioResult, cluster: Cluster, probe: ProbeSetup, *, sour
 def _figures(result: ScenarioResult, scenario: ScenarioRun, *, recovered: float | None, thresholds: Thresholds) -> None:
     workload, rec, t_fault, base = scenario.workload, scenario.rec, scenario.t_fault, scenario.workload.base
     received = scenario.sink.since(scenario.sink_start)
-    first_push = {}
+    first_push: dict[int, float] = {}
     expected: set[int] = set()
     for p in workload.pushes:
         first_push.setdefault(p.k, p.t)

@@ -31,7 +31,7 @@ import sys
 import time
 import uuid
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -696,7 +696,7 @@ def _write(path: Path, text: str, mode: int) -> None:
 
 
 @contextlib.contextmanager
-def _registry_lock():
+def _registry_lock() -> Iterator[None]:
     """One lab up/down at a time on this machine (subnet choice and name-derived links must not race)."""
     REGISTRY_DIR.mkdir(mode=0o755, exist_ok=True)
     with open(REGISTRY_DIR / ".lock", "w") as f:
@@ -732,6 +732,7 @@ def _from_json(record: dict) -> Lab:
 
 def _read_json(path: Path) -> dict | None:
     try:
-        return json.loads(path.read_text())
+        record: dict = json.loads(path.read_text())   # _save writes an object
     except (OSError, ValueError):
         return None
+    return record

@@ -11,7 +11,7 @@ No third-party imports: `congressctl status` reads these on the operator's machi
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, Self
 
 TablePositions = dict[str, list]   # "<datasource id>/<table>" -> [epoch, seq]
 
@@ -39,14 +39,16 @@ def _list(data: Any, what: str) -> list:
     return data
 
 
+@dataclass
 class _Flat:
-    """to_dict/from_dict of a dataclass whose fields are all plain JSON values."""
+    """to_dict/from_dict of a dataclass whose fields are all plain JSON values (a dataclass itself, with no
+    fields, so that mypy sees asdict() is given one)."""
 
     def to_dict(self) -> dict:
-        return asdict(self)  # type: ignore[call-overload]
+        return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Any) -> Any:
+    def from_dict(cls, data: Any) -> Self:
         return cls(**_known(cls, data))
 
 

@@ -334,8 +334,9 @@ class Connection:
         self._client.set_missing_host_key_policy(_HostKeyPolicy(self.host.name, t, accept_new, revoked))
         where = f"{t.user}@{t.address}:{t.port}"
         try:
+            # key_filename takes a list of files too (paramiko's docstring); types-paramiko says str only
             self._client.connect(
-                t.address, port=t.port, username=t.user, key_filename=t.key_files or None,
+                t.address, port=t.port, username=t.user, key_filename=t.key_files or None,  # type: ignore[arg-type]
                 allow_agent=t.allow_agent, look_for_keys=t.look_for_keys, timeout=timeout,
                 banner_timeout=timeout, auth_timeout=timeout, channel_timeout=timeout)
         except paramiko.BadHostKeyException as exc:

@@ -192,7 +192,8 @@ def gather(inv: Inventory, *, accept_new: bool = False, timeout: float = 5.0) ->
 
 def _sample_of(node: Node, outcome: remote.HostOutcome) -> HostSample:
     if outcome.ok:
-        return outcome.value
+        sample: HostSample = outcome.value   # what _sample_host returned on this host
+        return sample
     return HostSample(HostStatus(name=node.name, address=node.address, error=_unprefixed(outcome.error, node)))
 
 
@@ -288,6 +289,7 @@ def _read_crm_mon(sample: HostSample, probe: HostProbe | None) -> None:
     if view.error:
         host.pacemaker_error = view.error
         return
+    assert view.placement is not None   # read_host_view gives a placement whenever there is no error
     sample.view = view.placement
     host.quorum = sample.view.quorum
     host.dc = view.dc
@@ -403,7 +405,7 @@ def _trusted_view(samples: list[HostSample]) -> pacemaker.Placement | None:
     """The cluster as a quorate host sees it, the DC's own view first; a host cut off from the rest may
     still believe it runs resources the others have already moved."""
     ranked = sorted((s for s in samples if s.view is not None),
-                    key=lambda s: (not s.view.quorum, s.host.dc != s.host.name))
+                    key=lambda s: (s.view is None or not s.view.quorum, s.host.dc != s.host.name))
     return ranked[0].view if ranked else None
 
 

@@ -15,7 +15,7 @@ import re
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import uvicorn
@@ -511,6 +511,8 @@ class _JoinedWrites:
 
 
 class _Http(HttpToolsProtocol):
+    # uvicorn's own connection_made takes an asyncio.Transport, narrower than its base's; _JoinedWrites is one
+    # by duck typing (it forwards every other attribute)
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(_JoinedWrites(transport))  # type: ignore[arg-type]
 
@@ -518,8 +520,9 @@ class _Http(HttpToolsProtocol):
 class _Server(uvicorn.Server):
     """uvicorn without its own signal handling: the worker owns SIGTERM."""
 
-    def capture_signals(self) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
 class ApiPeNode(BusWorker):
@@ -535,7 +538,8 @@ class ApiPeNode(BusWorker):
         self.api = Api(self)
         routes = self.api.routes()
         self.openapi = openapi_document(routes)
-        push = next(r.endpoint for r in routes if r.path.endswith("/tables/{table}/rows") and "PUT" in r.methods)
+        push = next(r.endpoint for r in routes
+                    if r.path.endswith("/tables/{table}/rows") and "PUT" in (r.methods or ()))
         self.app = PushFastPath(Starlette(routes=routes), push)
         self.server: _Server | None = None
         self.sock: socket.socket | None = None
@@ -554,9 +558,11 @@ class ApiPeNode(BusWorker):
         sock.listen(512)
         sock.setblocking(False)
         self.sock = sock
-        # proxy_headers off: nothing here reads the client's address, and the middleware costs every request
+        # proxy_headers off: nothing here reads the client's address, and the middleware costs every request.
+        # uvicorn annotates timeout_graceful_shutdown as int, but it is an asyncio.wait_for timeout: 0.5 works
         config = uvicorn.Config(self.app, http=_Http, log_config=None, access_log=False, lifespan="off",
-                                proxy_headers=False, timeout_graceful_shutdown=0.5, timeout_keep_alive=5)
+                                proxy_headers=False, timeout_graceful_shutdown=0.5,  # type: ignore[arg-type]
+                                timeout_keep_alive=5)
         self.server = _Server(config)
         log.info("api-pe %s starting, incarnation %s, API on %s:%d", self.cfg.node_id, self.incarnation,
                  self.cfg.api.bind, self.cfg.api.port)

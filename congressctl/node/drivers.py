@@ -75,7 +75,7 @@ def normalize_datasource(body: Any) -> dict:
                 or not all(isinstance(c, str) and NAME_RE.match(c) for c in columns)
                 or len(set(columns)) != len(columns)):
             raise DatasourceConfigError("must be a non-empty list of distinct column names", field=where + ".columns")
-        entry = {"columns": list(columns)}
+        entry: dict[str, Any] = {"columns": list(columns)}
         if driver == "http":
             path = spec.get("path", "")
             if not isinstance(path, str):
@@ -163,11 +163,11 @@ class Driver:
 
     @property
     def id(self) -> str:
-        return self.ds["id"]
+        return str(self.ds["id"])
 
     @property
     def name(self) -> str:
-        return self.ds["name"]
+        return str(self.ds["name"])
 
     @property
     def tables(self) -> dict[str, list[str]]:

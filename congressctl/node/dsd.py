@@ -359,7 +359,7 @@ class DsdNode(BusWorker):
     async def on_push(self, data: dict) -> None:
         """A push notice carries the rows and their version. One without them comes from an older API node,
         whose push bumps no version: the stored rows are read and published whatever their version."""
-        ds_id, table, rows, version = data.get("ds_id"), data.get("table"), data.get("rows"), data.get("v")
+        ds_id, table, rows, version = data.get("ds_id", ""), data.get("table", ""), data.get("rows"), data.get("v")
         state = self.tables.get((ds_id, table))
         if state is None:
             return

@@ -330,7 +330,7 @@ class PolicyNode:
         self.emit(result, ("table", state.key, snap.epoch, snap.seq))
 
     async def on_diff(self, msg: dict) -> None:
-        state = self.tables.get((msg.get("ds_id"), msg.get("table")))
+        state = self.tables.get((msg.get("ds_id", ""), msg.get("table", "")))
         if state is None:
             return
         epoch, seq = int(msg["epoch"]), int(msg["seq"])

@@ -45,7 +45,9 @@ def setup_logging(node_id: str, role: str, log_dir: str, level: int = logging.IN
     stream = logging.StreamHandler(sys.stderr)
     stream.setFormatter(fmt)
     root.addHandler(stream)
-    path: Path | None = Path(log_dir) / f"{role}.log"
+    for noisy in ("uvicorn.access", "httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    path = Path(log_dir) / f"{role}.log"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(path)
@@ -53,9 +55,7 @@ def setup_logging(node_id: str, role: str, log_dir: str, level: int = logging.IN
         root.addHandler(handler)
     except OSError as exc:
         log.warning("cannot log to %s: %s (stderr only)", path, exc)
-        path = None
-    for noisy in ("uvicorn.access", "httpx", "httpcore"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+        return None
     return path
 
 

@@ -289,7 +289,7 @@ class Store:
                             added: list[str], deleted: list[str], full: bool, publish: bool = True) -> bool:
         """Atomically update the snapshot and (epoch, seq) and publish the diff. False: a newer epoch owns it."""
         prefix = open_json({"ds_id": ds_id, "ds": ds_name, "table": table, "epoch": epoch, "seq": seq}) + ","
-        done = await self._call(self._publish_table(
+        done: int = await self._call(self._publish_table(
             keys=[self.k_snap(ds_id, table), self.k_snapmeta(ds_id, table)],
             args=[epoch, seq, len(added), len(deleted), self.ch.diff, prefix, int(publish), int(full),
                   *added, *deleted]))

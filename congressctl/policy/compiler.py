@@ -169,12 +169,13 @@ class _Plan:
 
     # -- code for each literal ------------------------------------------------------------------------
 
-    def expr(self, term: Term) -> str:
+    def expr(self, term: Term | None) -> str:
+        assert term is not None   # a free column is never probed, compared or passed to a builtin
         if isinstance(term, Const):
             return self.m.const(term.value)
         return self.bound[term.name]
 
-    def row_expr(self, terms: tuple[Term, ...]) -> str:
+    def row_expr(self, terms: tuple[Term | None, ...]) -> str:
         if not terms:
             return "()"
         return "(" + ", ".join(self.expr(t) for t in terms) + ",)"
@@ -200,6 +201,7 @@ class _Plan:
                 if a is None:
                     targets.append("_")
                 else:
+                    assert isinstance(a, Var)   # simple: every column given is a new variable
                     targets.append(self.bound.setdefault(a.name, f"v{len(self.bound)}"))
             self.emit(f"{', '.join(targets)}, = {row}" if len(args) == 1 else f"{', '.join(targets)} = {row}")
             return
@@ -277,6 +279,7 @@ class _Plan:
 
     def builtin(self, i: int, lit: Literal) -> None:
         builtin = lit.builtin
+        assert builtin is not None   # builtin_literal() gives every builtin literal its Builtin
         fn = self.m.ref("F", self.m.now if builtin.fn is None else builtin.fn)
         call = f"{fn}({', '.join(self.expr(a) for a in lit.args[:builtin.inputs])})"
         if not builtin.outputs:
