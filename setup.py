@@ -24,7 +24,9 @@ setup(
         "hiredis>=2.0",
     ],
     extras_require={
-        "test": ["pytest>=8.0", "hypothesis>=6.100", "pytest-timeout>=2.3"],
+        # The linters are pinned: a new release's new rules would fail CI on code nobody changed.
+        "test": ["pytest>=8.0", "hypothesis>=6.100", "pytest-timeout>=2.3",
+                 "ruff==0.17.5", "mypy==2.4.1", "types-PyYAML==6.0.12.20261113", "types-paramiko==5.1.0.20261030"],
     },
     entry_points={"console_scripts": ["congressctl=congressctl.cli:main"]},
 )

@@ -16,8 +16,9 @@ import random
 import ssl as ssl_mod
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -191,10 +192,8 @@ class Bus:
 
     async def wait_stop(self, seconds: float) -> None:
         """Sleep `seconds`, returning early when the bus is stopped."""
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
-        except asyncio.TimeoutError:
-            pass
 
     async def run(self) -> None:
         backoff = 0.05

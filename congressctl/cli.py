@@ -7,7 +7,8 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Self
 
 import click
 from rich.console import Console
@@ -15,6 +16,11 @@ from rich.table import Table
 
 from congressctl.errors import CongressctlError
 from congressctl.inventory import SERVED_ROLES
+
+if TYPE_CHECKING:   # imported where used, so that each command loads only what it needs
+    from congressctl.deploy import DeployResult
+    from congressctl.inventory import Inventory
+    from congressctl.status import BusStatus, DsdStatus, StatusReport
 
 PIPE_WIDTH = 200
 
@@ -186,12 +192,13 @@ class HostProgress:
     def __call__(self, host: str, step: str) -> None:
         self.progress.update(self.tasks[host], description=step)
 
-    def __enter__(self) -> "HostProgress":
+    def __enter__(self) -> Self:
         self.progress.__enter__()
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.progress.__exit__(*exc)
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.progress.__exit__(exc_type, exc, tb)
 
 
 @main.command(name="deploy")
@@ -239,7 +246,7 @@ def deploy_cmd(inventory_path: Path, dry_run: bool, accept_new: bool, wait_timeo
         sys.exit(1)
 
 
-def _deploy_summary(result) -> None:
+def _deploy_summary(result: DeployResult) -> None:
     for problem in result.problems:
         err.print(f"[red]problem:[/] {problem}", highlight=False)
     if result.dry_run:
@@ -286,7 +293,7 @@ def status_cmd(inventory_path: Path, watch: float | None, accept_new: bool, outp
     sys.exit(report.exit_code)
 
 
-def _watch_status(inv, accept_new: bool, output: str, interval: float) -> int:
+def _watch_status(inv: Inventory, accept_new: bool, output: str, interval: float) -> int:
     """Sample until Ctrl-C; the table is rendered through `emit` into a capture and shown by rich Live."""
     from rich.live import Live
     from rich.text import Text
@@ -313,7 +320,7 @@ def _watch_status(inv, accept_new: bool, output: str, interval: float) -> int:
     return report.exit_code if report is not None else 130
 
 
-def _show_status(report) -> None:
+def _show_status(report: StatusReport) -> None:
     from rich.markup import escape
 
     emit([{"host": h.name, "address": h.address, "ok": h.reachable, "online": h.online, "quorum": h.quorum,
@@ -339,7 +346,7 @@ def _show_status(report) -> None:
         out.print(f"[{colour}]problem:[/] {escape(problem)}", highlight=False)
 
 
-def _show_bus(bus) -> None:
+def _show_bus(bus: BusStatus) -> None:
     replicated = "yes" if bus.replicated else "NO"
     emit([{"node": n.node, "role": n.role or "?", "link": n.link, "offset": n.offset, "lag bytes": n.lag_bytes,
            "error": n.error} for n in bus.nodes], "table",
@@ -348,7 +355,7 @@ def _show_bus(bus) -> None:
          columns=["node", "role", "link", "offset", "lag bytes", "error"])
 
 
-def _show_dsd(dsd) -> None:
+def _show_dsd(dsd: DsdStatus) -> None:
     from datetime import datetime
 
     since = datetime.fromtimestamp(dsd.leader_since).strftime("%H:%M:%S") if dsd.leader_since else None

@@ -20,19 +20,20 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import threading
+import time
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from types import TracebackType
 
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 import congressctl
 from congressctl import pacemaker, remote
-from congressctl.errors import CongressctlError, DeployError, NoHostAnswered, ToolTimeoutError
+from congressctl.errors import CongressctlError, DeployError, NoHostAnswered, RemoteError, ToolTimeoutError
 from congressctl.files import atomic_write
 from congressctl.inventory import Inventory, Node
 from congressctl.render import CIB_PATH, SBIN_DIR, RenderedFile, Secrets, render_all
@@ -184,7 +185,8 @@ def _source_copy(root: Path, into: Path) -> Path:
 
 def _pip(args: list[str], timeout: float) -> None:
     try:
-        proc = subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True, timeout=timeout,
+                              check=False)
     except subprocess.TimeoutExpired:
         raise ToolTimeoutError(f"building the wheelhouse: `pip {args[0]}` did not finish within {timeout:g} s "
                                "(killed)") from None
@@ -275,11 +277,11 @@ def _collect(group: remote.GroupResult, reports: dict[str, HostReport]) -> None:
         report.step = outcome.step or report.step
 
 
-def _push_host(inv: Inventory, node: Node, files: list[RenderedFile], wheelhouses: "_Wheelhouses", report: HostReport,
+def _push_host(inv: Inventory, node: Node, files: list[RenderedFile], wheelhouses: _Wheelhouses, report: HostReport,
                accept_new: bool, progress: Progress | None) -> None:
     step = _Steps(report, progress)
     step("connect")
-    with _failing_as(report), remote.connect(inv, node, accept_new) as conn:
+    with _FailingAs(report), remote.connect(inv, node, accept_new) as conn:
         step("install congressctl")
         version = conn.run("python3 -c 'import platform; print(platform.python_version())'", timeout=30).stdout
         report.installed = _install_package(conn, wheelhouses.get(version.strip()))
@@ -305,7 +307,7 @@ class _Wheelhouses:
             return self.built[python_version]
 
 
-class _failing_as:
+class _FailingAs:
     """Turn any failure inside a host's work into a DeployError naming the host and the step."""
 
     def __init__(self, report: HostReport):
@@ -314,9 +316,10 @@ class _failing_as:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         if exc is None or isinstance(exc, DeployError):
-            return False
+            return
         message = exc.message if isinstance(exc, CongressctlError) else f"{type(exc).__name__}: {exc}"
         raise DeployError(message, host=self.report.host, step=self.report.step) from exc
 
@@ -369,7 +372,7 @@ def _roll_back(inv: Inventory, reports: dict[str, HostReport], progress: Progres
 def _start_stack(inv: Inventory, node: Node, report: HostReport, progress: Progress | None) -> None:
     step = _Steps(report, progress)
     step("start cluster stack")
-    with _failing_as(report), remote.connect(inv, node) as conn:
+    with _FailingAs(report), remote.connect(inv, node) as conn:
         if "/etc/corosync/corosync.conf" in report.changed:
             out = conn.run(f"{CLUSTER_SCRIPT} reload-corosync", timeout=30).stdout
             report.restarted += _actions(out)
@@ -438,9 +441,17 @@ def _load_cib(conn: remote.Connection, inv: Inventory, changed: bool, result: De
     existed = 'id="api-pe-clone"' in current.stdout
     if existed and not changed:
         return True
-    pacemaker.replace_configuration(conn, conn.read_file(CIB_PATH))
+    pacemaker.replace_configuration(conn, _pushed_cib(conn))
     result.cib_loaded = True
     return existed
+
+
+def _pushed_cib(conn: remote.Connection) -> bytes:
+    """The CIB file this deploy pushed to the host before loading it."""
+    cib = conn.read_file(CIB_PATH)
+    if cib is None:
+        raise RemoteError(f"{CIB_PATH} is gone from the host it was pushed to", host=conn.host.name)
+    return cib
 
 
 def _restart_changed(conn: remote.Connection, changed_paths: set[str], result: DeployResult) -> None:
@@ -459,7 +470,7 @@ def _wait_ready(conn: remote.Connection, inv: Inventory, result: DeployResult, d
         placement = pacemaker.cluster_placement(conn)
         problems = pacemaker.placement_problems(inv, placement) if placement else ["crm_mon did not answer"]
         if placement and not placement.running and not placement.stopped:
-            pacemaker.replace_configuration(conn, conn.read_file(CIB_PATH))
+            pacemaker.replace_configuration(conn, _pushed_cib(conn))
         if not problems and not _api_healthy(conn, inv):
             problems = [f"the API through the VIP {inv.vip.address}:{inv.api_port} is not healthy yet"]
         if not problems:
@@ -488,7 +499,7 @@ def _dry_run(inv: Inventory, accept_new: bool, progress: Progress | None, max_wo
     def diff(host: remote.Host) -> None:
         report = reports[host.name]
         _Steps(report, progress)("diff")
-        with _failing_as(report), remote.connect(inv, inv.node(host.name), accept_new) as conn:
+        with _FailingAs(report), remote.connect(inv, inv.node(host.name), accept_new) as conn:
             chunks = []
             for f in rendered[host.name]:
                 current = conn.read_file(f.path)

@@ -5,6 +5,18 @@ The CLI has one wrapper that turns these into a message on stderr and an exit co
 
 from __future__ import annotations
 
+from typing import TypedDict, Unpack
+
+
+class Where(TypedDict, total=False):
+    """Where an error happened: the keyword arguments every CongressctlError takes (subclasses pass them on)."""
+
+    host: str | None
+    file: str | None
+    line: int | None
+    column: int | None
+    field: str | None
+
 
 class CongressctlError(Exception):
     """Base of every error congressctl raises on purpose."""
@@ -47,7 +59,8 @@ class InventoryError(CongressctlError):
 
     exit_code = 2
 
-    def __init__(self, problems: list["CongressctlError"] | None = None, message: str | None = None, **kw):
+    def __init__(self, problems: list[InventoryProblem] | None = None, message: str | None = None,
+                 **kw: Unpack[Where]):
         self.problems = problems or []
         super().__init__(message or "\n".join(str(p) for p in self.problems), **kw)
 
@@ -100,7 +113,7 @@ class HostKeyError(RemoteError):
 class NoHostAnswered(RemoteError):
     """Every host tried in turn failed (remote.first_reachable); `failures` says how, one "NAME: error" each."""
 
-    def __init__(self, failures: list[str], **kw):
+    def __init__(self, failures: list[str], **kw: Unpack[Where]):
         self.failures = failures
         super().__init__("no host answered: " + ("; ".join(failures) or "no host to try"), **kw)
 
@@ -108,7 +121,7 @@ class NoHostAnswered(RemoteError):
 class DeployError(CongressctlError):
     """A deploy step failed on one or more hosts."""
 
-    def __init__(self, message: str, *, step: str | None = None, **kw):
+    def __init__(self, message: str, *, step: str | None = None, **kw: Unpack[Where]):
         super().__init__(message, **kw)
         self.step = step
 
@@ -145,7 +158,7 @@ class PolicyError(CongressctlError):
     exit_code = 2
 
     def __init__(self, message: str, *, rule: str | None = None, position: int | None = None,
-                 kind: str = "invalid", **kw):
+                 kind: str = "invalid", **kw: Unpack[Where]):
         super().__init__(message, **kw)
         self.rule = rule
         self.position = position

@@ -7,6 +7,7 @@ Faults are ordinary commands over SSH (kill, ip link), so the same scenarios run
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import shlex
@@ -14,10 +15,10 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import httpx
 
@@ -181,7 +182,7 @@ class Sink:
         sink = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server API
+            def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
                 body["executor"] = self.headers.get("X-Congress-Executor")
                 with sink.lock:
@@ -198,7 +199,7 @@ class Sink:
             daemon_threads = True
 
         self.server = Server((address, port), Handler)
-        self.address, self.port = self.server.server_address[:2]
+        self.address, self.port = self.server.socket.getsockname()[:2]   # server_address's type allows bytes
         self.thread = threading.Thread(target=self.server.serve_forever, name="sink", daemon=True)
         self.thread.start()
 
@@ -223,7 +224,7 @@ def local_address_towards(address: str) -> str:
     """The address of this machine that the cluster's hosts reach it by (the route towards a node)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.connect((address, 9))
-        return s.getsockname()[0]
+        return str(s.getsockname()[0])
 
 
 # ------------------------------------------------------------------------------------------- workload
@@ -252,7 +253,7 @@ class Workload:
     process and is applied when it resumes would bring old rows back (each a new action) and hide what the
     scenario measures."""
 
-    def __init__(self, api: str, push_api: str, probe: "ProbeSetup", base: int, options: Options, rec: Recorder):
+    def __init__(self, api: str, push_api: str, probe: ProbeSetup, base: int, options: Options, rec: Recorder):
         self.api, self.push_api, self.base = api, push_api, base
         self.datasource, self.policy, self.writes_policy = probe.datasource, probe.policy, probe.writes_policy
         self.options, self.rec = options, rec
@@ -462,6 +463,12 @@ class Cluster:
                 return body.dsd
         raise FailoverError("no api-pe reports a DSD with a leader")
 
+    def dsd_leader(self) -> str:
+        """The api-pe node that leads the DSD."""
+        leader = self.dsd_view().leader
+        assert leader is not None   # dsd_view answers only with a DSD that has a leader
+        return leader.node
+
     def promoted_bus(self) -> list[str]:
         """Where Pacemaker has the bus promoted (one node; none while it fails over)."""
         try:
@@ -518,10 +525,8 @@ class Cluster:
 
     def cleanup(self) -> None:
         """Forget failures Pacemaker counted, so the next scenario starts from a clean slate."""
-        try:
+        with contextlib.suppress(NoHostAnswered):
             remote.first_reachable(self.inv, self.inv.nodes, pacemaker.cleanup, accept_new=self.options.accept_new)
-        except NoHostAnswered:
-            pass
 
     def rows_on(self, name: str, datasource: str) -> list | None:
         try:
@@ -587,7 +592,7 @@ class Fault:
     recovery: str             # first-action | api-back | write-back | pe-back
     limit_s: float
     restore_at: float | None = None
-    restore: Callable[[], None] | None = None
+    restore: Callable[[], object] | None = None
     detected_at: float | None = None
     survivor: Node | None = None
     new_dsd: bool = False     # recovery counts only actions run by another DSD instance than before the fault
@@ -595,12 +600,12 @@ class Fault:
     hold_until: float | None = None   # the workload goes on at least until then (a returning host under load)
 
 
-def _node_limit(cluster: "Cluster", slack_s: float) -> float:
+def _node_limit(cluster: Cluster, slack_s: float) -> float:
     token, consensus = cluster.totem()
     return (token + consensus) / 1000 + slack_s
 
 
-def _cut_seconds(cluster: "Cluster") -> float:
+def _cut_seconds(cluster: Cluster) -> float:
     token, consensus = cluster.totem()
     return cluster.options.cut_s or (token + consensus) / 1000 + 8.0
 
@@ -608,7 +613,7 @@ def _cut_seconds(cluster: "Cluster") -> float:
 def target_of(name: str, cluster: Cluster) -> Node:
     """The host a scenario will hit, chosen before the workload starts (the DSD's leader is sticky)."""
     if name in ("pe-leader-kill", "pe-leader-pause"):
-        return cluster.inv.node(cluster.dsd_view().leader.node)
+        return cluster.inv.node(cluster.dsd_leader())
     if name == "api-node-fail":
         return _api_victim(cluster)
     if name in BUS_SCENARIOS:
@@ -661,7 +666,7 @@ def _api_victim(cluster: Cluster) -> Node:
     """An api-pe host that is not holding the VIP; one that does not lead the DSD when there is a choice."""
     running = cluster.placement()
     vip = set(running.get("vip", []))
-    leader = cluster.dsd_view().leader.node
+    leader = cluster.dsd_leader()
     candidates = [n for n in cluster.inv.with_role("api-pe") if n.name not in vip]
     if not candidates:
         raise FailoverError("api-node-fail: every api-pe host holds the VIP; nothing to fail without the VIP")
@@ -726,7 +731,9 @@ def run_scenario(name: str, index: int, cluster: Cluster, *, probe: ProbeSetup, 
     try:
         time.sleep(options.warmup_s)
         fault = inject(name, target, cluster, thresholds, rec)
-        scenario = ScenarioRun(cluster, workload, watcher, sink, sink_start, rec, fault, rec.first("fault"))
+        t_fault = rec.first("fault")
+        assert t_fault is not None   # inject() recorded the fault
+        scenario = ScenarioRun(cluster, workload, watcher, sink, sink_start, rec, fault, t_fault)
         recovered = _drive(scenario)
         if name == "bus-failback":
             result.bus_moved_back = target.name in cluster.promoted_bus()
@@ -752,7 +759,7 @@ def _drive(scenario: ScenarioRun) -> float | None:
             watch.close()
 
 
-def _drive_until_done(scenario: ScenarioRun, watch: "_PacemakerWatch | None") -> float | None:
+def _drive_until_done(scenario: ScenarioRun, watch: _PacemakerWatch | None) -> float | None:
     fault, rec, t_fault = scenario.fault, scenario.rec, scenario.t_fault
     options = scenario.cluster.options
     deadline = t_fault + options.recovery_timeout_s
@@ -780,7 +787,8 @@ class _PacemakerWatch:
     when Pacemaker restarted it between two looks)."""
 
     def __init__(self, cluster: Cluster, fault: Fault, rec: Recorder):
-        self.cluster, self.fault, self.rec = cluster, fault, rec
+        assert fault.survivor is not None   # _drive watches only a fault that leaves a survivor to ask
+        self.cluster, self.fault, self.rec, self.survivor = cluster, fault, rec, fault.survivor
         self.next_poll = 0.0
         self.conn: remote.Connection | None = None
 
@@ -796,7 +804,7 @@ class _PacemakerWatch:
         asked = self.rec.now()
         try:
             if self.conn is None:
-                self.conn = remote.connect(self.cluster.inv, self.fault.survivor, self.cluster.options.accept_new)
+                self.conn = remote.connect(self.cluster.inv, self.survivor, self.cluster.options.accept_new)
             xml_text = pacemaker.crm_mon_xml(self.conn, timeout=5)
         except CongressctlError:
             self.close()
@@ -805,7 +813,7 @@ class _PacemakerWatch:
             return
         seen = self._seen(xml_text)
         if seen:
-            self.fault.detected_at = self.rec.add("detected", f"Pacemaker on {self.fault.survivor.name} sees {seen}",
+            self.fault.detected_at = self.rec.add("detected", f"Pacemaker on {self.survivor.name} sees {seen}",
                                                  t=asked)
 
     def _seen(self, xml_text: str) -> str | None:
@@ -837,6 +845,12 @@ def _recovered_at(scenario: ScenarioRun) -> float | None:
                 return t - rec.t0
         return None
     if fault.recovery == "api-back":
+        gets = sorted(scenario.workload.gets)
+        failed = [t for t, ok in gets if not ok and t > t_fault]
+        if not failed:
+            return t_fault if rec.now() > t_fault + 2.0 and gets and gets[-1][1] else None
+        return next((t for t, ok in gets if ok and t > failed[-1]), None)
+
         return back_at(sorted(scenario.workload.gets), t_fault=t_fault, now=rec.now())
     if fault.recovery == "write-back":
         return back_at(sorted((w.t, w.acked) for w in scenario.workload.writes), t_fault=t_fault, now=rec.now())
@@ -886,7 +900,7 @@ def _settle(result: ScenarioResult, cluster: Cluster, probe: ProbeSetup, *, sour
 def _figures(result: ScenarioResult, scenario: ScenarioRun, *, recovered: float | None, thresholds: Thresholds) -> None:
     workload, rec, t_fault, base = scenario.workload, scenario.rec, scenario.t_fault, scenario.workload.base
     received = scenario.sink.since(scenario.sink_start)
-    first_push = {}
+    first_push: dict[int, float] = {}
     expected: set[int] = set()
     for p in workload.pushes:
         first_push.setdefault(p.k, p.t)

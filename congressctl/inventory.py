@@ -10,9 +10,10 @@ import difflib
 import ipaddress
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, overload
 
 import yaml
 
@@ -135,8 +136,15 @@ class Inventory:
     def bus_address(self) -> str:
         """Where nodes reach Redis: the bus node, or the bus VIP that follows the promoted instance."""
         bus_nodes = self.with_role("bus")
-        return self.bus.vip if len(bus_nodes) > 1 else bus_nodes[0].address
+        if len(bus_nodes) > 1:
+            assert self.bus.vip is not None   # _check_bus refuses several bus nodes without bus.vip
+            return self.bus.vip
+        return bus_nodes[0].address
 
+    @overload
+    def resolve(self, relative: str) -> Path: ...
+    @overload
+    def resolve(self, relative: None) -> None: ...
     def resolve(self, relative: str | None) -> Path | None:
         """A path from the inventory, relative to the inventory file's folder."""
         if relative is None:
@@ -189,7 +197,8 @@ class _Map:
         entry = self.entries.get(key)
         return entry[1] if entry else None
 
-    def get(self, key: str, kind: type, default: Any = _MISSING, check: Callable[[Any], str | None] | None = None):
+    def get(self, key: str, kind: type, default: Any = _MISSING,
+            check: Callable[[Any], str | None] | None = None) -> Any:
         node = self.raw(key)
         if node is None or (isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null")):
             if default is _MISSING:
@@ -206,7 +215,7 @@ class _Map:
             return None
         return value
 
-    def mapping(self, key: str, required: bool = False) -> "_Map | None":
+    def mapping(self, key: str, required: bool = False) -> _Map | None:
         node = self.raw(key)
         if node is None:
             if required:
@@ -349,7 +358,8 @@ def _read_fencing(m: _Map | None) -> Pacemaker:
     if m is None:
         return Pacemaker()
     fencing_node = m.raw("fencing")
-    fencing, devices = "disabled", ()
+    fencing = "disabled"
+    devices: tuple[FenceDevice, ...] = ()
     if isinstance(fencing_node, yaml.ScalarNode):
         fencing = m.get("fencing", str, "disabled", _one_of(("disabled",)))
     elif fencing_node is not None:
@@ -653,7 +663,7 @@ def generate(nodes: int, *, cluster: str = "gen", subnet: str = "10.213.0", dsd:
     for i, name in enumerate(names):
         roles = [r for r, on in (("api-pe", i >= nodes - api_pe), ("dsd", i < dsd), ("bus", i < bus)) if on]
         hosts.append({"name": name, "address": f"{subnet}.{FIRST_HOST_OCTET + i}", "roles": roles})
-    data = {
+    data: dict[str, Any] = {
         "cluster": cluster,
         "nodes": hosts,
         "vip": {"address": vip or f"{subnet}.250", "cidr": 24 if nodes < 230 else 16, "interface": "eth0"},

@@ -31,10 +31,10 @@ import sys
 import time
 import uuid
 import zlib
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import yaml
 
@@ -674,7 +674,8 @@ def _ip(*args: str) -> subprocess.CompletedProcess:
 
 def _run(cmd: list[str], check: bool = True) -> subprocess.CompletedProcess:
     try:
-        done = subprocess.run(cmd, capture_output=True, env=HOST_ENV, timeout=CMD_TIMEOUT_S, stdin=subprocess.DEVNULL)
+        done = subprocess.run(cmd, capture_output=True, env=HOST_ENV, timeout=CMD_TIMEOUT_S, stdin=subprocess.DEVNULL,
+                              check=False)
     except subprocess.TimeoutExpired:
         raise LabError(f"{shlex.join(cmd)} did not finish within {CMD_TIMEOUT_S:.0f} s") from None
     except OSError as e:
@@ -696,7 +697,7 @@ def _write(path: Path, text: str, mode: int) -> None:
 
 
 @contextlib.contextmanager
-def _registry_lock():
+def _registry_lock() -> Iterator[None]:
     """One lab up/down at a time on this machine (subnet choice and name-derived links must not race)."""
     REGISTRY_DIR.mkdir(mode=0o755, exist_ok=True)
     with open(REGISTRY_DIR / ".lock", "w") as f:
@@ -707,7 +708,8 @@ def _registry_lock():
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise LabError(f"another lab up/down held {REGISTRY_DIR / '.lock'} for {LOCK_TIMEOUT_S:.0f} s")
+                    raise LabError(f"another lab up/down held {REGISTRY_DIR / '.lock'} for "
+                                   f"{LOCK_TIMEOUT_S:.0f} s") from None
                 time.sleep(0.2)
         yield
 
@@ -731,6 +733,7 @@ def _from_json(record: dict) -> Lab:
 
 def _read_json(path: Path) -> dict | None:
     try:
-        return json.loads(path.read_text())
+        record: dict = json.loads(path.read_text())   # _save writes an object
     except (OSError, ValueError):
         return None
+    return record

@@ -65,8 +65,10 @@ def query_resources(conn: remote.Connection) -> remote.CommandResult:
 
 def replace_configuration(conn: remote.Connection, cib: bytes) -> None:
     """Replace the live CIB's configuration section with the one of `cib`, leaving its status alone."""
-    configuration = ET.tostring(ET.fromstring(cib).find("configuration"), encoding="unicode")
-    conn.run("cibadmin --replace --scope configuration --xml-pipe", timeout=60, input=configuration)
+    configuration = ET.fromstring(cib).find("configuration")
+    assert configuration is not None   # templates/cib.xml.j2 always has one
+    conn.run("cibadmin --replace --scope configuration --xml-pipe", timeout=60,
+             input=ET.tostring(configuration, encoding="unicode"))
 
 
 def restart_resource(conn: remote.Connection, resource: str) -> bool:
@@ -89,20 +91,21 @@ def parse_crm_mon(xml_text: str) -> Placement:
     placement = Placement()
     for node in root.iter("node"):
         if node.get("online") is not None and node.get("type") == "member":
-            (placement.online if node.get("online") == "true" else placement.offline).append(node.get("name"))
+            (placement.online if node.get("online") == "true" else placement.offline).append(node.get("name", ""))
     dc = root.find("summary/current_dc")
     placement.quorum = dc is not None and dc.get("with_quorum") == "true"
     resources = root.find("resources")
     for res in resources.iter("resource") if resources is not None else []:
+        rid = res.get("id", "")
         if res.get("failed") == "true":
-            placement.failed.append(res.get("id"))
+            placement.failed.append(rid)
         if res.get("active") != "true" or res.get("failed") == "true":
-            placement.stopped.append(res.get("id"))
+            placement.stopped.append(rid)
             continue
-        nodes = [n.get("name") for n in res.findall("node")]
-        placement.running.setdefault(res.get("id"), []).extend(nodes)
+        nodes = [n.get("name", "") for n in res.findall("node")]
+        placement.running.setdefault(rid, []).extend(nodes)
         if res.get("role") in ("Promoted", "Master"):
-            placement.promoted.setdefault(res.get("id"), []).extend(nodes)
+            placement.promoted.setdefault(rid, []).extend(nodes)
     for table in (placement.running, placement.promoted):
         for rid in table:
             table[rid] = sorted(table[rid])

@@ -11,7 +11,7 @@ No third-party imports: `congressctl status` reads these on the operator's machi
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, Self
 
 TablePositions = dict[str, list]   # "<datasource id>/<table>" -> [epoch, seq]
 
@@ -39,14 +39,16 @@ def _list(data: Any, what: str) -> list:
     return data
 
 
+@dataclass
 class _Flat:
-    """to_dict/from_dict of a dataclass whose fields are all plain JSON values."""
+    """to_dict/from_dict of a dataclass whose fields are all plain JSON values (a dataclass itself, with no
+    fields, so that mypy sees asdict() is given one)."""
 
     def to_dict(self) -> dict:
-        return asdict(self)  # type: ignore[call-overload]
+        return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Any) -> Any:
+    def from_dict(cls, data: Any) -> Self:
         return cls(**_known(cls, data))
 
 
@@ -96,7 +98,7 @@ class DatasourceStatus:
         return {"name": self.name, **self.status.to_dict()}
 
     @classmethod
-    def from_dict(cls, data: Any) -> "DatasourceStatus":
+    def from_dict(cls, data: Any) -> DatasourceStatus:
         return cls(name=_object(data, "datasource").get("name", ""), status=DriverStatus.from_dict(data))
 
 
@@ -119,7 +121,7 @@ class PeHeartbeat:
                 "actions_sent": self.actions_sent, "tables": dict(self.tables)}
 
     @classmethod
-    def from_dict(cls, data: Any) -> "PeHeartbeat":
+    def from_dict(cls, data: Any) -> PeHeartbeat:
         known = _known(cls, data)
         known["tables"] = _object(known.get("tables") or {}, "tables")
         return cls(**known)
@@ -149,7 +151,7 @@ class DsdHeartbeat:
                 "datasources": {k: d.to_dict() for k, d in self.datasources.items()}}
 
     @classmethod
-    def from_dict(cls, data: Any) -> "DsdHeartbeat":
+    def from_dict(cls, data: Any) -> DsdHeartbeat:
         known = _known(cls, data)
         known["tables"] = _object(known.get("tables") or {}, "tables")
         known["leader"] = _optional(Leader, known.get("leader"))
@@ -202,7 +204,7 @@ class DsdView:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Any) -> "DsdView":
+    def from_dict(cls, data: Any) -> DsdView:
         known = _known(cls, data)
         known["leader"] = _optional(Leader, known.get("leader"))
         known["counts"] = DsdCounts.from_dict(known.get("counts") or {})
@@ -256,7 +258,7 @@ class ApiPeStatus:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Any) -> "ApiPeStatus":
+    def from_dict(cls, data: Any) -> ApiPeStatus:
         known = _known(cls, data)
         known["bus"] = BusView.from_dict(known.get("bus") or {})
         known["peers"] = [PeerView.from_dict(p) for p in _list(known.get("peers") or [], "peers")]

@@ -15,22 +15,23 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
 import os
 import posixpath
 import re
+import secrets
 import select
 import shlex
-import secrets
-import socket
 import stat
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Self, TypeVar
 
 import paramiko
 
@@ -197,7 +198,7 @@ def _append_known_host(path: str, name: str, key: paramiko.PKey, hashed: bool) -
 class _HostKeyPolicy(paramiko.MissingHostKeyPolicy):
     """Called by paramiko only when known_hosts holds no key for the host: refuse, or record it (accept-new)."""
 
-    def __init__(self, host: str, target: "_Target", accept_new: bool, revoked: list[_KnownKey]):
+    def __init__(self, host: str, target: _Target, accept_new: bool, revoked: list[_KnownKey]):
         self.host = host
         self.target = target
         self.accept_new = accept_new
@@ -222,14 +223,14 @@ class _HostKeyPolicy(paramiko.MissingHostKeyPolicy):
             _append_known_host(t.known_hosts, t.key_name, key, hashed or t.hash_known_hosts)
 
 
-def _check_revoked(host: str, target: "_Target", revoked: list[_KnownKey], key: paramiko.PKey) -> None:
+def _check_revoked(host: str, target: _Target, revoked: list[_KnownKey], key: paramiko.PKey) -> None:
     for entry in revoked:
         if entry.key == key:
             raise HostKeyError(f"host key {key.get_name()} {key.fingerprint} of {target.key_name} is marked "
                                f"@revoked; refused", host=host, file=target.known_hosts, line=entry.line)
 
 
-def _check_known(host: str, target: "_Target", known: list[_KnownKey], key: paramiko.PKey) -> None:
+def _check_known(host: str, target: _Target, known: list[_KnownKey], key: paramiko.PKey) -> None:
     if any(e.key == key for e in known):
         return
     same_type = [e for e in known if e.key.get_name() == key.get_name()]
@@ -333,8 +334,9 @@ class Connection:
         self._client.set_missing_host_key_policy(_HostKeyPolicy(self.host.name, t, accept_new, revoked))
         where = f"{t.user}@{t.address}:{t.port}"
         try:
+            # key_filename takes a list of files too (paramiko's docstring); types-paramiko says str only
             self._client.connect(
-                t.address, port=t.port, username=t.user, key_filename=t.key_files or None,
+                t.address, port=t.port, username=t.user, key_filename=t.key_files or None,  # type: ignore[arg-type]
                 allow_agent=t.allow_agent, look_for_keys=t.look_for_keys, timeout=timeout,
                 banner_timeout=timeout, auth_timeout=timeout, channel_timeout=timeout)
         except paramiko.BadHostKeyException as exc:
@@ -343,7 +345,7 @@ class Connection:
         except paramiko.ssh_exception.NoValidConnectionsError as exc:
             raise RemoteError(f"cannot connect to {where}: connection refused or host unreachable",
                               host=self.host.name) from exc
-        except (socket.timeout, TimeoutError) as exc:
+        except TimeoutError as exc:
             raise RemoteError(f"cannot connect to {where}: timed out after {timeout:g}s",
                               host=self.host.name) from exc
         except paramiko.AuthenticationException as exc:
@@ -371,7 +373,7 @@ class Connection:
             raise RemoteError("the SSH connection is closed", host=self.host.name)
         return transport
 
-    def __enter__(self) -> "Connection":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -445,7 +447,7 @@ class Connection:
         try:
             chan.sendall(data)
             chan.shutdown_write()
-        except (socket.timeout, TimeoutError) as exc:
+        except TimeoutError as exc:
             raise RemoteError(f"`{command}` timed out while reading its input", host=self.host.name) from exc
         except (paramiko.SSHException, OSError) as exc:
             raise RemoteError(f"cannot send input to `{command}`: {exc}", host=self.host.name) from exc
@@ -579,10 +581,8 @@ class Connection:
 
     def _discard(self, path: str) -> None:
         """Best-effort cleanup while another error is already on its way up."""
-        try:
+        with contextlib.suppress(RemoteError):
             self._remove(path)
-        except RemoteError:
-            pass
 
     def restore_previous(self, path: str) -> None:
         """Roll back the last `put_file` of ``path``: put ``path.prev`` back, or remove ``path`` if it was new.

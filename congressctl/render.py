@@ -1,7 +1,7 @@
 """Inventory model -> every config file, per node and once per cluster. Deterministic: same input, same bytes.
 
-Templates live in templates/ (reached through the link congressctl/templates, so wheels carry them). No config text is built in
-Python: each file is one template, rendered with StrictUndefined (and autoescape for XML).
+Templates live in templates/ (reached through the link congressctl/templates, so wheels carry them). No config text is
+built in Python: each file is one template, rendered with StrictUndefined (and autoescape for XML).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import os
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import jinja2
 
@@ -63,7 +64,7 @@ _TEXT = _environment(autoescape=False)
 _XML = _environment(autoescape=True)
 
 
-def render_template(name: str, **context) -> str:
+def render_template(name: str, **context: Any) -> str:
     """Render one template of templates/; XML and HTML templates are autoescaped."""
     env = _XML if name.endswith((".xml.j2", ".html.j2")) else _TEXT
     return env.get_template(name).render(**context)

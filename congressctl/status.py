@@ -223,7 +223,8 @@ def gather(inv: Inventory, *, accept_new: bool = False, timeout: float = 5.0) ->
 
 def _sample_of(node: Node, outcome: remote.HostOutcome) -> HostSample:
     if outcome.ok:
-        return outcome.value
+        sample: HostSample = outcome.value   # what _sample_host returned on this host
+        return sample
     return HostSample(HostStatus(name=node.name, address=node.address, error=_unprefixed(outcome.error, node)))
 
 
@@ -231,7 +232,7 @@ def _unprefixed(error: str | None, node: Node) -> str:
     """RemoteError text starts with 'host NAME: '; the report already says which host."""
     error = error or "unknown error"
     prefix = f"host {node.name}: "
-    return error[len(prefix):] if error.startswith(prefix) else error
+    return error.removeprefix(prefix)
 
 
 def _sample_host(inv: Inventory, node: Node, accept_new: bool, timeout: float) -> HostSample:
@@ -332,6 +333,7 @@ def _read_crm_mon(sample: HostSample, probe: HostProbe | None) -> None:
     if view.error:
         host.pacemaker_error = view.error
         return
+    assert view.placement is not None   # read_host_view gives a placement whenever there is no error
     sample.view = view.placement
     host.quorum = sample.view.quorum
     host.dc = view.dc
@@ -510,7 +512,7 @@ def _trusted_view(samples: list[HostSample]) -> pacemaker.Placement | None:
     """The cluster as a quorate host sees it, the DC's own view first; a host cut off from the rest may
     still believe it runs resources the others have already moved."""
     ranked = sorted((s for s in samples if s.view is not None),
-                    key=lambda s: (not s.view.quorum, s.host.dc != s.host.name))
+                    key=lambda s: (s.view is None or not s.view.quorum, s.host.dc != s.host.name))
     return ranked[0].view if ranked else None
 
 

@@ -10,6 +10,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
@@ -106,7 +107,7 @@ def check_cib(cib: bytes) -> CheckResult:
                        "" if proc.returncode == 0 else f"exit {proc.returncode}: {_tail(proc)}")
 
 
-def simulate(cib: bytes, up: list[str], fail: list[str] = ()) -> Placement:
+def simulate(cib: bytes, up: Sequence[str], fail: Sequence[str] = ()) -> Placement:
     """Bring `up` nodes online in the rendered CIB, let the scheduler place everything, then fail `fail`."""
     with tempfile.TemporaryDirectory(prefix="cctl-sim-") as tmp:
         src, state = Path(tmp) / "cib.xml", Path(tmp) / "up.xml"

@@ -33,4 +33,4 @@ async def _run(role: str, cfg: NodeConfig) -> int:
     return await ApiPeNode(cfg).run()
 
 
-__all__ = ["serve", "load_node_config", "NodeConfig"]
+__all__ = ["NodeConfig", "load_node_config", "serve"]

@@ -15,14 +15,15 @@ import re
 import socket
 import time
 import uuid
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
 
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from congressctl.bus import Bus
 from congressctl.errors import BusError, DatasourceConfigError, PolicyError
@@ -31,8 +32,16 @@ from congressctl.node.drivers import coerce_rows, normalize_datasource, table_co
 from congressctl.node.pe import PolicyNode, rows_of
 from congressctl.node.runtime import BusWorker
 from congressctl.node.store import Store
-from congressctl.payloads import (ActionsView, ApiPeStatus, BusView, DriverStatus, DsdHeartbeat, DsdView,
-                                  PeerView, PeHeartbeat)
+from congressctl.payloads import (
+    ActionsView,
+    ApiPeStatus,
+    BusView,
+    DriverStatus,
+    DsdHeartbeat,
+    DsdView,
+    PeerView,
+    PeHeartbeat,
+)
 
 log = logging.getLogger("congressctl.api")
 
@@ -98,7 +107,7 @@ def public_rule(rule: dict) -> dict:
 class Api:
     """Route handlers; each one is a small method, errors are raised as ApiError / named exceptions."""
 
-    def __init__(self, node: "ApiPeNode"):
+    def __init__(self, node: ApiPeNode):
         self.node = node
         self.pe = node.pe
         self.store = node.store
@@ -324,7 +333,7 @@ class Api:
 
     async def show_datasource_table(self, request: Request) -> Response:
         """One table of a datasource."""
-        ds, table = await self._ds_table(request)
+        _, table = await self._ds_table(request)
         return JSONResponse({"id": table})
 
     async def datasource_schema(self, request: Request) -> Response:
@@ -516,6 +525,8 @@ class _JoinedWrites:
 
 
 class _Http(HttpToolsProtocol):
+    # uvicorn's own connection_made takes an asyncio.Transport, narrower than its base's; _JoinedWrites is one
+    # by duck typing (it forwards every other attribute)
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(_JoinedWrites(transport))  # type: ignore[arg-type]
 
@@ -523,8 +534,9 @@ class _Http(HttpToolsProtocol):
 class _Server(uvicorn.Server):
     """uvicorn without its own signal handling: the worker owns SIGTERM."""
 
-    def capture_signals(self) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
 class ApiPeNode(BusWorker):
@@ -542,7 +554,8 @@ class ApiPeNode(BusWorker):
         self.api = Api(self)
         routes = self.api.routes()
         self.openapi = openapi_document(routes)
-        push = next(r.endpoint for r in routes if r.path.endswith("/tables/{table}/rows") and "PUT" in r.methods)
+        push = next(r.endpoint for r in routes
+                    if r.path.endswith("/tables/{table}/rows") and "PUT" in (r.methods or ()))
         self.app = PushFastPath(Starlette(routes=routes), push)
         self.server: _Server | None = None
         self.sock: socket.socket | None = None
@@ -557,13 +570,15 @@ class ApiPeNode(BusWorker):
             sock.bind((self.cfg.api.bind, self.cfg.api.port))
         except OSError as exc:
             sock.close()
-            raise BusError(f"cannot bind the API to {self.cfg.api.bind}:{self.cfg.api.port}: {exc.strerror}")
+            raise BusError(f"cannot bind the API to {self.cfg.api.bind}:{self.cfg.api.port}: {exc.strerror}") from exc
         sock.listen(512)
         sock.setblocking(False)
         self.sock = sock
-        # proxy_headers off: nothing here reads the client's address, and the middleware costs every request
+        # proxy_headers off: nothing here reads the client's address, and the middleware costs every request.
+        # uvicorn annotates timeout_graceful_shutdown as int, but it is an asyncio.wait_for timeout: 0.5 works
         config = uvicorn.Config(self.app, http=_Http, log_config=None, access_log=False, lifespan="off",
-                                proxy_headers=False, timeout_graceful_shutdown=0.5, timeout_keep_alive=5)
+                                proxy_headers=False, timeout_graceful_shutdown=0.5,  # type: ignore[arg-type]
+                                timeout_keep_alive=5)
         self.server = _Server(config)
         log.info("api-pe %s starting, incarnation %s, API on %s:%d", self.cfg.node_id, self.incarnation,
                  self.cfg.api.bind, self.cfg.api.port)

@@ -18,8 +18,9 @@ import re
 import ssl
 import time
 import urllib.parse
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import httpx
 
@@ -74,7 +75,7 @@ def normalize_datasource(body: Any) -> dict:
                 or not all(isinstance(c, str) and NAME_RE.match(c) for c in columns)
                 or len(set(columns)) != len(columns)):
             raise DatasourceConfigError("must be a non-empty list of distinct column names", field=where + ".columns")
-        entry = {"columns": list(columns)}
+        entry: dict[str, Any] = {"columns": list(columns)}
         if driver == "http":
             path = spec.get("path", "")
             if not isinstance(path, str):
@@ -157,16 +158,16 @@ class Driver:
 
     ds: dict
     http: httpx.AsyncClient
-    poster: "HttpPoster"
+    poster: HttpPoster
     status: DriverStatus = field(default_factory=DriverStatus)
 
     @property
     def id(self) -> str:
-        return self.ds["id"]
+        return str(self.ds["id"])
 
     @property
     def name(self) -> str:
-        return self.ds["name"]
+        return str(self.ds["name"])
 
     @property
     def tables(self) -> dict[str, list[str]]:
@@ -255,10 +256,10 @@ class HttpPoster:
                     if conn is None:
                         conn = await self._open(key)
                     status, keep = await self._exchange(conn, head + body)
-            except (OSError, EOFError, ValueError, asyncio.IncompleteReadError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, OSError, EOFError, ValueError, asyncio.IncompleteReadError) as exc:
                 if conn is not None:
                     conn[1].close()
-                if reused and not isinstance(exc, asyncio.TimeoutError):
+                if reused and not isinstance(exc, TimeoutError):
                     continue
                 raise ActionDeliveryError(f"POST {url}: {type(exc).__name__}: {exc}") from None
             if keep:

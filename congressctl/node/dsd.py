@@ -61,7 +61,7 @@ class Request:
     received: float = 0.0
 
     @classmethod
-    def from_message(cls, data: dict, pe: PeerKey, now: float) -> "Request":
+    def from_message(cls, data: dict, pe: PeerKey, now: float) -> Request:
         return cls(id=str(data["id"]), datasource=str(data["ds"]), action=str(data["action"]),
                    args=list(data.get("args", [])), pe=pe, direct=bool(data.get("direct", False)), received=now)
 
@@ -123,7 +123,7 @@ class Leadership:
 
     def tick(self, now: float) -> list[Request]:
         """Expire old buffered requests and forgotten peers; replace a leader silent for peer_timeout."""
-        for pe, buf in self.buffers.items():
+        for buf in self.buffers.values():
             while buf:
                 first = next(iter(buf.values()))
                 if now - first.received <= self.buffer_s:
@@ -364,7 +364,7 @@ class DsdNode(BusWorker):
     async def on_push(self, data: dict) -> None:
         """A push notice carries the rows and their version. One without them comes from an older API node,
         whose push bumps no version: the stored rows are read and published whatever their version."""
-        ds_id, table, rows, version = data.get("ds_id"), data.get("table"), data.get("rows"), data.get("v")
+        ds_id, table, rows, version = data.get("ds_id", ""), data.get("table", ""), data.get("rows"), data.get("v")
         state = self.tables.get((ds_id, table))
         if state is None:
             return

@@ -25,6 +25,7 @@ holding them loses nothing and saves the bus, the DSD and this PE a message per 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
@@ -265,10 +266,8 @@ class PolicyNode:
                                     timeout_s, self.notice_seq)
                         await self.full_sync()
                 return
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.notice_seen.wait(), remaining)
-            except asyncio.TimeoutError:
-                pass
 
     async def full_sync(self) -> None:
         """Make the mirror equal the store (safety net after reconnects and missed notices).
@@ -335,7 +334,7 @@ class PolicyNode:
         self.emit(result, ("table", state.key, snap.epoch, snap.seq))
 
     async def on_diff(self, msg: dict) -> None:
-        state = self.tables.get((msg.get("ds_id"), msg.get("table")))
+        state = self.tables.get((msg.get("ds_id", ""), msg.get("table", "")))
         if state is None:
             return
         epoch, seq = int(msg["epoch"]), int(msg["seq"])

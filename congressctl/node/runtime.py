@@ -21,8 +21,9 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, Coroutine
+from typing import Any
 
 from congressctl.bus import Channels, make_redis, new_incarnation
 from congressctl.node.config import NodeConfig
@@ -44,7 +45,9 @@ def setup_logging(node_id: str, role: str, log_dir: str, level: int = logging.IN
     stream = logging.StreamHandler(sys.stderr)
     stream.setFormatter(fmt)
     root.addHandler(stream)
-    path: Path | None = Path(log_dir) / f"{role}.log"
+    for noisy in ("uvicorn.access", "httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    path = Path(log_dir) / f"{role}.log"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(path)
@@ -52,9 +55,7 @@ def setup_logging(node_id: str, role: str, log_dir: str, level: int = logging.IN
         root.addHandler(handler)
     except OSError as exc:
         log.warning("cannot log to %s: %s (stderr only)", path, exc)
-        path = None
-    for noisy in ("uvicorn.access", "httpx", "httpcore"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+        return None
     return path
 
 
@@ -160,7 +161,7 @@ class Worker:
         await self.tasks.cancel_all()
         try:
             await asyncio.wait_for(self.shutdown(), 0.5)
-        except (asyncio.TimeoutError, Exception) as exc:  # noqa: BLE001 - shutdown must not hang or raise
+        except (TimeoutError, Exception) as exc:  # noqa: BLE001 - shutdown must not hang or raise
             log.warning("shutdown incomplete: %s", exc)
         log.info("stopped, exit code %d (pid %d)", code, os.getpid())
         return code

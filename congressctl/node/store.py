@@ -24,8 +24,9 @@ script each).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
@@ -331,7 +332,7 @@ class Store:
                             added: list[str], deleted: list[str], full: bool, publish: bool = True) -> bool:
         """Atomically update the snapshot and (epoch, seq) and publish the diff. False: a newer epoch owns it."""
         prefix = open_json({"ds_id": ds_id, "ds": ds_name, "table": table, "epoch": epoch, "seq": seq}) + ","
-        done = await self._write(
+        done: int = await self._write(
             self._publish_table, [self.k_snap(ds_id, table), self.k_snapmeta(ds_id, table)],
             [epoch, seq, len(added), len(deleted), self.ch.diff, prefix, int(publish), int(full),
              *added, *deleted])

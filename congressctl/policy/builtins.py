@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Callable
+from typing import Any
 
 NO: Any = object()
 """Result of a builtin function that has no value for its inputs."""
@@ -50,7 +51,7 @@ def _function(op: Callable[..., Any]) -> Callable[..., Any]:
             value = op(*args)
         except (TypeError, ValueError, ArithmeticError, OverflowError):
             return NO
-        return NO if value != value else value    # NaN equals nothing, so it could never be retracted
+        return NO if value != value else value    # noqa: PLR0124 - NaN equals nothing, so it could never be retracted
     return function
 
 

@@ -12,8 +12,9 @@ existentially quantified ("no row with id=x").
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, Protocol
+from typing import Protocol
 
 from congressctl.policy.builtins import BUILTINS, Builtin
 from congressctl.policy.syntax import Atom, Statement, Term, Var, rule_error
@@ -38,7 +39,10 @@ class Literal:
 
     def inputs(self) -> tuple[Term | None, ...]:
         """Arguments that must be bound before the literal can be evaluated."""
-        return self.args[:self.builtin.inputs] if self.kind == "builtin" else self.args
+        if self.kind != "builtin":
+            return self.args
+        assert self.builtin is not None   # builtin_literal() gives every builtin literal its Builtin
+        return self.args[:self.builtin.inputs]
 
 
 @dataclass(frozen=True)
@@ -275,8 +279,8 @@ def _path_to_any(start: str, targets: set[str], names: Names) -> list[str] | Non
             parents[user] = table
             if user in targets:
                 path = [user]
-                while parents[path[-1]] is not None:
-                    path.append(parents[path[-1]])
+                while (parent := parents[path[-1]]) is not None:
+                    path.append(parent)
                 return path[::-1]
             stack.append(user)
     return None

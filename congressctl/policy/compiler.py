@@ -16,8 +16,9 @@ bound columns, looked up through a hash index on exactly those columns.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from congressctl.policy.builtins import NO
 from congressctl.policy.checks import Literal, Rule
@@ -63,7 +64,8 @@ def compile_rule(rule: Rule, tables: Mapping[str, Table], now: Callable[[], str]
             triggers.append((i, lit, cols))
     source = "\n\n".join(sources) + "\n"
     namespace = module.namespace
-    exec(compile(source, f"<rule {rule.policy}: {rule.text}>", "exec"), namespace)
+    code = compile(source, f"<rule {rule.policy}: {rule.text}>", "exec")
+    exec(code, namespace)  # noqa: S102 - runs the plans generated above; rule values reach them through namespace
     head = tables[rule.head]
     compiled_triggers = []
     for i, lit, cols in triggers:
@@ -167,12 +169,13 @@ class _Plan:
 
     # -- code for each literal ------------------------------------------------------------------------
 
-    def expr(self, term: Term) -> str:
+    def expr(self, term: Term | None) -> str:
+        assert term is not None   # a free column is never probed, compared or passed to a builtin
         if isinstance(term, Const):
             return self.m.const(term.value)
         return self.bound[term.name]
 
-    def row_expr(self, terms: tuple[Term, ...]) -> str:
+    def row_expr(self, terms: tuple[Term | None, ...]) -> str:
         if not terms:
             return "()"
         return "(" + ", ".join(self.expr(t) for t in terms) + ",)"
@@ -198,6 +201,7 @@ class _Plan:
                 if a is None:
                     targets.append("_")
                 else:
+                    assert isinstance(a, Var)   # simple: every column given is a new variable
                     targets.append(self.bound.setdefault(a.name, f"v{len(self.bound)}"))
             self.emit(f"{', '.join(targets)}, = {row}" if len(args) == 1 else f"{', '.join(targets)} = {row}")
             return
@@ -275,6 +279,7 @@ class _Plan:
 
     def builtin(self, i: int, lit: Literal) -> None:
         builtin = lit.builtin
+        assert builtin is not None   # builtin_literal() gives every builtin literal its Builtin
         fn = self.m.ref("F", self.m.now if builtin.fn is None else builtin.fn)
         call = f"{fn}({', '.join(self.expr(a) for a in lit.args[:builtin.inputs])})"
         if not builtin.outputs:

@@ -17,7 +17,7 @@ from congressctl.policy.checks import EXECUTE, Rule, check_statement, resolve_pa
 from congressctl.policy.compiler import CompiledRule, compile_rule
 from congressctl.policy.parser import parse_literal, parse_statement
 from congressctl.policy.store import Cols, Delta, Row, Table
-from congressctl.policy.syntax import Var
+from congressctl.policy.syntax import Const, Var
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*\Z")     # what the rule lexer reads as an ID
 _QUERY_CACHE_SIZE = 1024
@@ -395,8 +395,8 @@ class Engine:
             if not table.dirty:
                 table.dirty = True
                 heappush(heap, (table.rank, id(table), table))
-        for table, delta in changes:
-            self._propagate(table, delta, heap)
+        for table, change in changes:
+            self._propagate(table, change, heap)
         while heap:
             table = heappop(heap)[2]
             table.dirty = False
@@ -450,8 +450,8 @@ class Engine:
             self._policy(policy)
         lit = resolve_pattern(pattern, atom, policy, self._names)
         table = self._tables.get(lit.table)
-        cols = tuple(p for p, a in enumerate(lit.args) if a is not None and not isinstance(a, Var))
-        values = [lit.args[p].value for p in cols]
+        cols = tuple(p for p, a in enumerate(lit.args) if isinstance(a, Const))
+        values = [a.value for a in lit.args if isinstance(a, Const)]
         key = tuple(values) if table is not None and len(cols) == table.arity else (
             values[0] if len(values) == 1 else tuple(values))
         first: dict[str, int] = {}

@@ -49,6 +49,7 @@ def tokenize(text: str) -> list[Token]:
         if m is None:
             raise rule_error("syntax", text, pos, f"unexpected character {text[pos]!r}")
         kind = m.lastgroup
+        assert kind is not None   # every alternative of _TOKEN is a named group
         if kind == "open_comment":
             raise rule_error("syntax", text, pos, "unterminated comment '/*'")
         if kind == "open_string":

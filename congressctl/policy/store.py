@@ -10,8 +10,9 @@ through the `*_new` helpers of the Delta. Only then is the delta applied.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from operator import itemgetter
-from typing import Any, Callable, Iterable
+from typing import Any
 
 Row = tuple
 Cols = tuple[int, ...]
