@@ -167,6 +167,13 @@ def test_healthy_cluster_matches_crm_mon_and_the_nodes(cluster) -> None:
             assert node["incarnation"] == own[node["node"]]["incarnation"]
             assert node["answered"] and node["synced"] and node["healthy"] and node["alive"]
     assert report["api"]["ok"] and report["api"]["status"] == 200
+    bus = report["bus"]
+    assert bus["promoted"] == placement.promoted["bus"] and len(bus["promoted"]) == 1
+    assert bus["replicated"] and bus["in_sync"] == len(cluster.inv.with_role("bus")) - 1
+    assert sorted(n["node"] for n in bus["nodes"]) == sorted(n.name for n in cluster.inv.with_role("bus"))
+    for node in bus["nodes"]:
+        assert node["role"] == ("master" if node["node"] in bus["promoted"] else "replica"), node
+        assert node["role"] == "master" or (node["link"] == "up" and node["lag_bytes"] is not None), node
 
 
 @pytest.mark.lab
