@@ -603,6 +603,10 @@ class ApiPeNode(BusWorker):
         self.synced = False
         await self.pe.full_sync()
         self.synced = self.has_copy = True
+        # a request published just before the bus was lost may never have reached the DSD (a cut host, a bus
+        # failover): send the recent ones again; the DSD's claims run each action once whatever arrives twice
+        if self.pe.recent:
+            self.pe.resend_recent()
         log.info("synced: %d policies, %d datasources, %d tables", len(self.pe.policies),
                  len(self.pe.datasources), len(self.pe.tables))
 

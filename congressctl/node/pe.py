@@ -154,7 +154,7 @@ class PolicyNode:
         for req in again:
             self.outbox.put_nowait({**req, "direct": True})
         self.resent += len(again)
-        log.info("new DSD process: sending the last %d action request(s) again", len(again))
+        log.info("sending the last %d action request(s) again", len(again))
 
     # -- definitions ----------------------------------------------------------------------------------
     def _touch(self, object_id: str) -> None:
