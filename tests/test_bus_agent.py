@@ -93,8 +93,7 @@ def bus(tmp_path: Path):
         yield m, master, a, b, agents
     finally:
         for agent in agents.values():
-            os.kill(agent.pid, signal.SIGCONT) if (agent.instance.dir / "redis.pid").exists() else None
-            agent.run("stop")
+            agent.run("stop")       # a frozen one too: stop sends SIGCONT first
         if master.poll() is None:
             master.kill()
         master.wait(timeout=5)
@@ -161,3 +160,29 @@ def test_stop_ends_redis_and_monitor_then_reports_not_running(bus) -> None:
     assert agents["a"].run("monitor").returncode == OCF_NOT_RUNNING
     assert agents["a"].run("demote").returncode == OCF_SUCCESS          # not running: not promoted either
     assert agents["a"].run("promote").returncode == OCF_ERR_GENERIC
+
+
+def test_after_a_promotion_replicas_follow_the_new_master_at_once_and_a_switchover_loses_nothing(bus) -> None:
+    m, master, a, b, agents = bus
+    master.kill()
+    master.wait(timeout=5)
+    assert agents["a"].run("promote").returncode == OCF_SUCCESS
+    notify = {"OCF_RESKEY_CRM_meta_notify_type": "post", "OCF_RESKEY_CRM_meta_notify_operation": "promote",
+              "OCF_RESKEY_CRM_meta_notify_promote_uname": "a "}
+    agents["b"].env.update(notify)
+    assert agents["b"].run("notify").returncode == OCF_SUCCESS
+    wait_for(lambda: b.replication()["master_link_status"] == "up", 10, what="B following A")
+    assert b.replication()["master_port"] == a.port
+    writer = a.client()
+    for i in range(50):
+        writer.set(f"through-a-{i}", i)
+    assert writer.execute_command("WAIT", 1, 2000) == 1
+    # Switchover to B: A waits for B before it follows the bus address; B, left following a replica, goes
+    # back to the bus address at its next monitor, and holds as much as A: its promotion goes through.
+    assert agents["a"].run("demote").returncode == OCF_SUCCESS
+    assert agents["b"].run("monitor").returncode == OCF_SUCCESS
+    assert b.replication()["master_port"] == m.port
+    assert b.replication()["slave_repl_offset"] == a.replication()["slave_repl_offset"]
+    promoted = agents["b"].run("promote")
+    assert promoted.returncode == OCF_SUCCESS, promoted.stderr
+    assert [i for i in range(50) if b.client().get(f"through-a-{i}") != str(i)] == []
