@@ -68,6 +68,7 @@ class BusSettings:
     password_env: str | None = None
     vip: str | None = None
     tls: bool = False
+    sync_replicas: int = 1      # replicas the promoted Redis needs in sync before it takes a write
 
 
 @dataclass(frozen=True)
@@ -444,7 +445,7 @@ def _read_top(top: _Map, path: Path) -> Inventory:
     api_port = api.get("port", int, 1789, _port) if api else 1789
     if api:
         api.finish(("port",))
-    bus = _read_bus(top.mapping("bus"))
+    bus = _read_bus(top.mapping("bus"), bus_nodes=sum(n.has("bus") for n in nodes))
     timings = _read_timings(top.mapping("timings"))
     pacemaker = _read_fencing(top.mapping("pacemaker"))
     corosync = _read_corosync(top.mapping("corosync"))
@@ -467,9 +468,10 @@ def _read_vip(m: _Map | None) -> Vip:
     return Vip(address=address or "", cidr=cidr or 24, interface=interface or "eth0")
 
 
-def _read_bus(m: _Map | None) -> BusSettings:
+def _read_bus(m: _Map | None, bus_nodes: int) -> BusSettings:
+    most = max(bus_nodes - 1, 0)
     if m is None:
-        return BusSettings()
+        return BusSettings(sync_replicas=min(1, most))
     port = m.get("port", int, 6379, _port)
     password_file = m.get("password_file", str, None, _safe_text)
     password_env = m.get("password_env", str, None, _matches(ENV_VAR, "environment variable name"))
@@ -482,9 +484,12 @@ def _read_bus(m: _Map | None) -> BusSettings:
         m.problems.add(m.node, m.sub("password_file"), "give password_file or password_env, not both")
     vip = m.get("vip", str, None, _ipv4)
     tls = m.get("tls", bool, False)
-    m.finish(("port", "password_file", "password_env", "vip", "tls", "password"))
+    sync_replicas = m.get("sync_replicas", int, min(1, most), lambda v: None if 0 <= v <= most else (
+        f"sync_replicas {v} is outside 0..{most}: the promoted Redis can wait for at most the other "
+        f"{most} bus node(s) ({bus_nodes} have the bus role); 0 means asynchronous replication"))
+    m.finish(("port", "password_file", "password_env", "vip", "tls", "password", "sync_replicas"))
     return BusSettings(port=port or 6379, password_file=password_file, password_env=password_env, vip=vip,
-                       tls=bool(tls))
+                       tls=bool(tls), sync_replicas=min(1, most) if sync_replicas is None else sync_replicas)
 
 
 def _read_corosync(m: _Map | None) -> Corosync:
@@ -647,6 +652,13 @@ def _add_warnings(inv: Inventory) -> None:
         inv.warnings.append(f"{count} nodes: vendors support at most {COROSYNC_MEMBER_LIMIT} corosync members")
     if count == 1:
         inv.warnings.append("a single node gives no high availability")
+    bus_nodes = len(inv.with_role("bus"))
+    if bus_nodes == 1:
+        inv.warnings.append("only one node has the bus role: a single point of failure (its loss stops the "
+                            "control bus); give the role to 3 nodes and set bus.vip")
+    elif inv.bus.sync_replicas and inv.bus.sync_replicas == bus_nodes - 1:
+        inv.warnings.append(f"bus.sync_replicas {inv.bus.sync_replicas} needs every other bus node in sync: the "
+                            "loss of any one bus node stops writes to the bus; lower it or add a bus node")
 
 
 def generate(nodes: int, *, cluster: str = "gen", subnet: str = "10.213.0", dsd: int = 3, bus: int | None = None,

@@ -89,7 +89,34 @@ def render_cib(inv: Inventory) -> bytes:
         bus_resource="bus-clone" if multi_bus else "bus",
         bus_entry="bus-vip" if multi_bus else "bus",
         dsd_scores=dsd_scores,
+        **(_multi_bus(inv, bus_nodes) if multi_bus else {}),
     ).encode()
+
+
+# Several bus nodes: the promoted bus, the DSD and the frontend prefer three hosts, so that one host's loss takes
+# at most one of them. The DSD keeps following its preference list (scores 10 apart): it yields APART_DSD to
+# each of the others, and two of those never outweigh one step of the list. The frontend yields APART_FRONTEND
+# to the bus VIP, less than stickiness (100 by default): nothing running moves just to get out of the way.
+# A resource placed afresh is also steered off the hosts of its active dependents (by their stickiness), which
+# keeps a moving bus or frontend off the DSD. All finite: with fewer hosts they share one, nothing stops.
+APART_FRONTEND = -50
+APART_DSD = -4
+FRONTEND_TIE_BREAK = 10
+
+
+def _multi_bus(inv: Inventory, bus_nodes: list[Node]) -> dict:
+    """The bus peers for congress-bus, and the tie-breaks that place the promoted bus and the frontend, when
+    nothing runs yet, off the DSD's first choice and each other (later, congress-bus's scores decide)."""
+    first_dsd = inv.dsd_preference[0]
+    order = sorted(bus_nodes, key=lambda n: n.name == first_dsd)
+    return {
+        "bus_peers": " ".join(f"{n.name}={n.address}" for n in bus_nodes),
+        "promote_scores": {n.name: len(order) - i for i, n in enumerate(order)},
+        "frontend_prefers": [n.name for n in inv.nodes if n.name not in (first_dsd, order[0].name)],
+        "frontend_tie_break": FRONTEND_TIE_BREAK,
+        "apart_frontend": APART_FRONTEND,
+        "apart_dsd": APART_DSD,
+    }
 
 
 def render_node(inv: Inventory, node: Node, secrets: Secrets | None = None) -> list[RenderedFile]:
@@ -104,8 +131,10 @@ def render_node(inv: Inventory, node: Node, secrets: Secrets | None = None) -> l
     ]
     if node.has("bus"):
         password = secrets.bus_password if secrets else None
+        bus_nodes = len(inv.with_role("bus"))
         files.append(RenderedFile("/etc/congressctl/redis.conf",
-                                  render_template("redis.conf.j2", **ctx, password=password).encode(),
+                                  render_template("redis.conf.j2", **ctx, password=password,
+                                                  multi_bus=bus_nodes > 1, bus_nodes=bus_nodes).encode(),
                                   mode=0o600, owner="redis", secret=secrets is not None))
     files.extend(programs())
     if secrets:

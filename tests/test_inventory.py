@@ -201,3 +201,26 @@ def test_an_unknown_node_name_is_a_named_error_listing_the_known_ones(tmp_path: 
         inv.node("n9")
     assert str(raised.value) == f"{tmp_path / 'inv.yaml'}: no node named 'n9'; the inventory has n1, n2, n3"
     assert raised.value.exit_code == 2
+
+
+def test_sync_replicas_defaults_to_one_with_several_bus_nodes_and_zero_with_one(tmp_path: Path) -> None:
+    def inv(bus: int, **settings):
+        data = generate(3, bus=bus)
+        data["bus"].update(settings)
+        return parse_inventory(yaml.safe_dump(data), tmp_path / "inv.yaml")
+    assert inv(1).bus.sync_replicas == 0 and inv(3).bus.sync_replicas == 1
+    assert inv(3, sync_replicas=2).bus.sync_replicas == 2 and inv(3, sync_replicas=0).bus.sync_replicas == 0
+    for bus, value in ((3, 3), (1, 1), (3, -1)):
+        with pytest.raises(InventoryError) as refused:
+            inv(bus, sync_replicas=value)
+        problem = refused.value.problems[0]
+        assert problem.field == "bus.sync_replicas" and f"outside 0..{bus - 1}" in problem.message
+
+
+def test_one_bus_node_is_a_single_point_of_failure_warning(tmp_path: Path) -> None:
+    def warnings(bus: int) -> list[str]:
+        return parse_inventory(yaml.safe_dump(generate(3, bus=bus)), tmp_path / "inv.yaml").warnings
+    assert any("single point of failure" in w for w in warnings(1))
+    assert not any("single point of failure" in w for w in warnings(3))
+    assert any("stops writes" in w for w in warnings(2))      # sync_replicas 1 of 1 other bus node
+    assert not any("stops writes" in w for w in warnings(3))

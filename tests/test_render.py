@@ -105,6 +105,42 @@ def test_multi_bus_is_a_promotable_clone_with_a_following_address(tmp_path: Path
     assert single.find(".//clone[@id='bus-clone']") is None and single.find(".//primitive[@id='bus']") is not None
 
 
+def test_multi_bus_runs_congress_bus_promoted_elsewhere_on_failure(tmp_path: Path) -> None:
+    inv = _inv(tmp_path, 3, bus=3)
+    root = ET.fromstring(render_cib(inv))
+    clone = root.find(".//clone[@id='bus-clone']")
+    meta = {n.get("name"): n.get("value") for n in clone.find("meta_attributes")}
+    assert meta["migration-threshold"] == "1" and meta["notify"] == "true" and meta["failure-timeout"]
+    bus = clone.find("primitive[@id='bus']")
+    assert (bus.get("provider"), bus.get("type")) == ("congressctl", "congress-bus")
+    params = {n.get("name"): n.get("value") for n in bus.find("instance_attributes")}
+    assert params["bus_address"] == inv.bus.vip and params["port"] == "6379"
+    assert params["peers"] == "n1=10.213.0.11 n2=10.213.0.12 n3=10.213.0.13"
+    assert params["password_file"] == "/etc/congressctl/bus.password"
+    monitors = {op.get("role"): op.get("interval") for op in bus.iter("op") if op.get("name") == "monitor"}
+    assert monitors == {"Promoted": "1s", "Unpromoted": "2s"}
+    assert {op.get("name") for op in bus.iter("op")} >= {"promote", "demote", "notify"}
+    scores = [int(c.get("score")) for c in root.iter("rsc_colocation") if "apart" in c.get("id")]
+    assert len(scores) == 3 and all(-inv.pacemaker.resource_stickiness < s < 0 for s in scores)
+    single = ET.fromstring(render_cib(_inv(tmp_path, 3)))
+    assert single.find(".//primitive[@id='bus']").get("type") == "redis"
+    assert not [c for c in single.iter("rsc_colocation") if "apart" in c.get("id")]
+
+
+def test_redis_conf_of_several_bus_nodes_refuses_writes_without_replicas(tmp_path: Path) -> None:
+    multi = _inv(tmp_path, 3, bus=3)
+    conf = _files(multi, "n2")["/etc/congressctl/redis.conf"].decode()
+    for needle in ("replica-read-only yes", "min-replicas-to-write 1", "min-replicas-max-lag 2",
+                   "repl-diskless-sync yes"):
+        assert needle in conf.splitlines()
+    data = generate(3, bus=3)
+    data["bus"]["sync_replicas"] = 2
+    two = parse_inventory(yaml.safe_dump(data), tmp_path / "inv.yaml")
+    assert "min-replicas-to-write 2" in _files(two, "n1")["/etc/congressctl/redis.conf"].decode()
+    single = _files(_inv(tmp_path, 3), "n1")["/etc/congressctl/redis.conf"].decode()
+    assert "min-replicas" not in single and "replica-read-only" not in single
+
+
 def test_corosync_realtime_scheduling_is_corosyncs_default_unless_the_inventory_turns_it_off(tmp_path: Path) -> None:
     def conf(**kw) -> str:
         inv = _inv(tmp_path, 3, **kw)

@@ -26,6 +26,8 @@ SHAPES = {
     "3-nodes-one-dsd-spare": dict(nodes=3, dsd=2, api_pe=2),
     "3-nodes-no-realtime": dict(nodes=3, dsd=3, sched_rr=False),
     "5-nodes-3-bus": dict(nodes=5, dsd=3, bus=3, api_pe=3),
+    "3-nodes-3-bus": dict(nodes=3, dsd=3, bus=3),
+    "2-nodes-2-bus": dict(nodes=2, dsd=2, bus=2),
     "7-nodes": dict(nodes=7, dsd=4, api_pe=5),
 }
 
@@ -71,6 +73,33 @@ def test_simulated_placement_follows_the_design(tmp_path: Path) -> None:
     promoted = up.promoted["bus"][0]
     moved = verify.simulate(cib, names, [promoted])
     assert moved.promoted["bus"] != [promoted] and moved.on("bus-vip") == moved.promoted["bus"]
+
+
+@pytest.mark.parametrize("shape", ["3-nodes-3-bus", "5-nodes-3-bus"])
+def test_promoted_bus_dsd_and_vip_keep_apart_and_any_one_host_can_fail(shape, tmp_path: Path) -> None:
+    inv = _inv(tmp_path, SHAPES[shape])
+    cib = render_cib(inv)
+    names = [n.name for n in inv.nodes]
+    up = verify.simulate(cib, names)
+    hosts = {"bus": up.promoted["bus"], "dsd": up.on("dsd"), "vip": up.on("vip")}
+    assert all(len(h) == 1 for h in hosts.values()) and len({h[0] for h in hosts.values()}) == 3, hosts
+    for failed in names:
+        after = verify.simulate(cib, names, [failed])
+        survivors = [n for n in names if n != failed]
+        assert len(after.promoted.get("bus", [])) == 1 and after.on("bus-vip") == after.promoted["bus"], failed
+        assert len(after.on("dsd")) == 1 and after.on("vip") == after.on("haproxy") and after.on("vip"), failed
+        assert after.on("api-pe") == sorted(n.name for n in inv.with_role("api-pe") if n.name != failed)
+        assert set(after.on("bus")) == {n.name for n in inv.with_role("bus")} & set(survivors)
+        assert not after.failed and failed not in {h for hosts in after.running.values() for h in hosts}
+
+
+def test_with_two_hosts_apart_resources_share_one_and_nothing_stops(tmp_path: Path) -> None:
+    inv = _inv(tmp_path, SHAPES["2-nodes-2-bus"])
+    cib = render_cib(inv)
+    for failed in ("n1", "n2"):
+        after = verify.simulate(cib, ["n1", "n2"], [failed])
+        survivor = "n2" if failed == "n1" else "n1"
+        assert after.promoted["bus"] == after.on("bus-vip") == after.on("dsd") == after.on("vip") == [survivor]
 
 
 def test_corosync_check_refuses_a_node_not_in_the_file(tmp_path: Path) -> None:
