@@ -468,10 +468,11 @@ def assess(inv: Inventory, samples: list[HostSample], api: ApiStatus, duration_s
     statuses = {s.host.name: s.api for s in samples if s.api is not None}
     nodes = _node_statuses(inv, statuses, view)
     dsd = _dsd_status(statuses, view)
-    bus = bus_status(inv, [s.bus for s in samples if s.bus is not None])
+    bus_nodes = [s.bus for s in samples if s.bus is not None]
+    bus = bus_status(inv, bus_nodes) if bus_nodes else None     # None: no bus host could be asked
     problems = (_host_problems(hosts, view) + _placement_problems(inv, view) + _haproxy_problems(hosts, view)
                 + _api_pe_problems(inv, samples) + _node_problems(nodes, statuses) + _dsd_problems(dsd, statuses)
-                + bus_problems(bus))
+                + (bus_problems(bus) if bus else []))
     if not api.ok:
         problems.append(f"API through the VIP {api.url}: {api.error}")
     if not api.ok or not any(h.reachable for h in hosts):

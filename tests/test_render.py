@@ -59,7 +59,7 @@ def test_haproxy_backends_are_the_api_pe_nodes(tmp_path: Path) -> None:
 
 
 def test_node_config_points_at_the_bus(tmp_path: Path) -> None:
-    inv = _inv(tmp_path, 3)
+    inv = _inv(tmp_path, 3, bus=1)
     config = yaml.safe_load(_files(inv, "n2")["/etc/congressctl/congress.yaml"])
     assert config["node_id"] == "n2" and config["api"] == {"bind": "10.213.0.12", "port": 1789}
     assert config["bus"]["host"] == "10.213.0.11" and config["bus"]["password_file"].endswith("bus.password")
@@ -101,7 +101,7 @@ def test_multi_bus_is_a_promotable_clone_with_a_following_address(tmp_path: Path
     assert meta["promotable"] == "true" and meta["promoted-max"] == "1"
     coloc = root.find(".//rsc_colocation[@id='bus-vip-with-promoted']")
     assert coloc.get("with-rsc-role") == "Promoted"
-    single = ET.fromstring(render_cib(_inv(tmp_path, 3)))
+    single = ET.fromstring(render_cib(_inv(tmp_path, 3, bus=1)))
     assert single.find(".//clone[@id='bus-clone']") is None and single.find(".//primitive[@id='bus']") is not None
 
 
@@ -122,7 +122,7 @@ def test_multi_bus_runs_congress_bus_promoted_elsewhere_on_failure(tmp_path: Pat
     assert {op.get("name") for op in bus.iter("op")} >= {"promote", "demote", "notify"}
     scores = [int(c.get("score")) for c in root.iter("rsc_colocation") if "apart" in c.get("id")]
     assert len(scores) == 3 and all(-inv.pacemaker.resource_stickiness < s < 0 for s in scores)
-    single = ET.fromstring(render_cib(_inv(tmp_path, 3)))
+    single = ET.fromstring(render_cib(_inv(tmp_path, 3, bus=1)))
     assert single.find(".//primitive[@id='bus']").get("type") == "redis"
     assert not [c for c in single.iter("rsc_colocation") if "apart" in c.get("id")]
 
@@ -137,7 +137,7 @@ def test_redis_conf_of_several_bus_nodes_refuses_writes_without_replicas(tmp_pat
     data["bus"]["sync_replicas"] = 2
     two = parse_inventory(yaml.safe_dump(data), tmp_path / "inv.yaml")
     assert "min-replicas-to-write 2" in _files(two, "n1")["/etc/congressctl/redis.conf"].decode()
-    single = _files(_inv(tmp_path, 3), "n1")["/etc/congressctl/redis.conf"].decode()
+    single = _files(_inv(tmp_path, 3, bus=1), "n1")["/etc/congressctl/redis.conf"].decode()
     assert "min-replicas" not in single and "replica-read-only" not in single
 
 
