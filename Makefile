@@ -73,6 +73,7 @@ demo: render-demo
 	@echo "== 4/6 status: hosts, Pacemaker placement, HAProxy backends, congress nodes, the DSD and its leader PE" >&2
 	$(BIN)/congressctl status -i $(LAB_DIR)/inventory.yaml
 	@echo "== 5/6 failover-test: kill/pause the leader PE, cut the DSD host, kill an api-pe host, cut the VIP host," >&2
+	@echo "==     cut the promoted Redis's host, kill -9 the promoted Redis, bring a cut bus host back under load," >&2
 	@echo "==     each under 50 pushes/s and 50 GETs/s; every action counted at a sink by its id" >&2
 	@$(BIN)/congressctl failover-test -i $(LAB_DIR)/inventory.yaml --yes --report $(LAB_DIR)/failover-report; \
 	rc=$$?; \
