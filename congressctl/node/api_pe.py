@@ -606,7 +606,7 @@ class ApiPeNode(BusWorker):
         # a request published just before the bus was lost may never have reached the DSD (a cut host, a bus
         # failover): send the recent ones again; the DSD's claims run each action once whatever arrives twice
         if self.pe.recent:
-            self.pe.resend_recent()
+            self.pe.resend_recent(direct=False)
         log.info("synced: %d policies, %d datasources, %d tables", len(self.pe.policies),
                  len(self.pe.datasources), len(self.pe.tables))
 

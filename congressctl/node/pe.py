@@ -148,11 +148,14 @@ class PolicyNode:
             self.recent.extend((now, req) for req in batch)
             batch = []
 
-    def resend_recent(self) -> None:
+    def resend_recent(self, *, direct: bool) -> None:
+        """Send the requests of the last RESEND_WINDOW_S again. `direct`: the DSD runs them whoever it takes as
+        leader (a new DSD, which has heard none of them); else as they were sent, so a follower's stay buffered
+        (one derived from a resync has another id than the leader's for the same row)."""
         horizon = time.monotonic() - RESEND_WINDOW_S
         again = [req for sent, req in self.recent if sent >= horizon]
         for req in again:
-            self.outbox.put_nowait({**req, "direct": True})
+            self.outbox.put_nowait({**req, "direct": True} if direct else req)
         self.resent += len(again)
         log.info("sending the last %d action request(s) again", len(again))
 
@@ -368,7 +371,7 @@ class PolicyNode:
         if previous is None or previous.inc != beat.inc:
             log.info("DSD %s incarnation %s heard (epoch %s)", beat.node, beat.inc, beat.epoch)
             if previous is not None:
-                self.resend_recent()
+                self.resend_recent(direct=True)
         for state in list(self.tables.values()):
             seen = beat.tables.get(state.key)
             if not seen or seen[0] is None:
