@@ -31,7 +31,9 @@ from congressctl.errors import BusError, CongressctlError
 log = logging.getLogger("congressctl.bus")
 
 BUS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
-COMMAND_TIMEOUT_S = 3.0
+# A write waits up to store.REPLICA_WAIT_MS (1 s) for its replicas; past 2 s the bus is gone (a failover is under
+# way) and the caller hears so while its own client still waits (2 s is a usual client timeout).
+COMMAND_TIMEOUT_S = 2.0
 CONNECT_TIMEOUT_S = 1.0   # a LAN answers in well under a second; a moving bus address should not hold a node
 
 
@@ -163,10 +165,10 @@ class Bus:
     def stopping(self) -> bool:
         return self._stopping.is_set()
 
-    async def publish(self, channel: str, payload: dict | str) -> None:
-        """Publish one message; raises BusError when Redis is unreachable."""
+    async def publish(self, channel: str, payload: dict | str) -> int:
+        """Publish one message; how many subscribers received it. BusError when Redis is unreachable."""
         data = payload if isinstance(payload, str) else dumps(payload)
-        await command(self.redis.publish(channel, data), f"publish to {channel} failed")
+        return int(await command(self.redis.publish(channel, data), f"publish to {channel} failed"))
 
     def _note_heartbeat(self, data: dict, now: float) -> Peer | None:
         node, role, inc = data.get("node"), data.get("role"), data.get("inc")
@@ -227,7 +229,7 @@ class Bus:
             self.last_error = None
             log.info("bus connected (subscribed to %d channels)", len(self.subscribe_to))
             await self.on_connect()
-            watchdog = asyncio.get_running_loop().create_task(self._watch(), name="bus-silence")
+            watchdog = asyncio.get_running_loop().create_task(self._watch(pubsub), name="bus-silence")
             try:
                 await self._read(pubsub)
             finally:
@@ -241,12 +243,20 @@ class Bus:
             except BUS_ERRORS:
                 pass
 
-    async def _watch(self) -> None:
+    async def _watch(self, pubsub: Any) -> None:
+        """Cut the subscription when it goes silent. It also PINGs on the subscription (the PONG arrives as a
+        message): a subscriber only reads, so after a bus failover moved the address away its connection would
+        look fine until silent_limit; a PING draws the new host's refusal, and the reader fails at once."""
         while True:
             await asyncio.sleep(min(0.5, self.heartbeat_s))
             silent = time.monotonic() - self.last_message
             if silent > self.silent_limit:
                 self._cut(f"no message (not even our own heartbeat) for {silent:.1f}s")
+                continue
+            try:
+                await asyncio.wait_for(pubsub.ping(), self.heartbeat_s)
+            except BUS_ERRORS as exc:
+                self._cut(f"PING on the subscription failed: {type(exc).__name__}: {exc}")
 
     async def _read(self, pubsub: Any) -> None:
         self.last_message = time.monotonic()

@@ -144,6 +144,7 @@ class BusNodeStatus:
     offset: int | None = None
     lag_bytes: int | None = None
     in_sync: int | None = None     # a master's: the replicas it counts as good
+    replica_offsets: dict[str, int] = field(default_factory=dict)   # a master's: each replica's, by address
     error: str | None = None
 
 
@@ -395,7 +396,15 @@ def read_bus_node(name: str, probe: HostProbe) -> BusNodeStatus:
     status.offset = int(offset) if offset and offset.lstrip("-").isdigit() else None
     if status.role == "master":
         status.in_sync = _replicas_in_sync(info)
+        status.replica_offsets = {f["ip"]: int(f["offset"]) for f in _replica_lines(info)
+                                  if "ip" in f and f.get("offset", "").isdigit()}
     return status
+
+
+def _replica_lines(info: dict[str, str]) -> list[dict[str, str]]:
+    """A master's `slaveN:ip=...,port=...,state=online,offset=...,lag=...` lines, as fields."""
+    return [dict(kv.split("=", 1) for kv in value.split(",") if "=" in kv)
+            for key, value in info.items() if re.fullmatch(r"slave\d+", key)]
 
 
 def parse_info(text: str) -> dict[str, str]:
@@ -409,12 +418,8 @@ def _replicas_in_sync(info: dict[str, str]) -> int:
     min_slaves_good_slaves when min-replicas-to-write is set, else those online with lag within REPLICA_MAX_LAG_S."""
     if "min_slaves_good_slaves" in info:
         return int(info["min_slaves_good_slaves"])
-    good = 0
-    for key, value in info.items():
-        if re.fullmatch(r"slave\d+", key):
-            fields = dict(kv.split("=", 1) for kv in value.split(",") if "=" in kv)
-            good += fields.get("state") == "online" and int(fields.get("lag", "99")) <= REPLICA_MAX_LAG_S
-    return good
+    return sum(1 for f in _replica_lines(info)
+               if f.get("state") == "online" and int(f.get("lag", "99")) <= REPLICA_MAX_LAG_S)
 
 
 def _last_line(text: str) -> str:
@@ -484,12 +489,16 @@ def assess(inv: Inventory, samples: list[HostSample], api: ApiStatus, duration_s
 
 
 def bus_status(inv: Inventory, nodes: list[BusNodeStatus]) -> BusStatus:
-    """The bus from its nodes' own answers: lag is measured against the promoted one's offset."""
+    """The bus from its nodes' own answers: a replica's lag is the promoted one's offset less the replica's, as
+    the promoted one last heard it (else as the replica says, asked a moment apart)."""
     masters = [n for n in nodes if n.role == "master"]
-    top = masters[0].offset if len(masters) == 1 else None
+    top = masters[0] if len(masters) == 1 else None
     for node in nodes:
-        if top is not None and node.offset is not None:
-            node.lag_bytes = max(0, top - node.offset)
+        if top is None or top.offset is None:
+            continue
+        offset = top.replica_offsets.get(inv.node(node.node).address, node.offset)
+        if offset is not None:
+            node.lag_bytes = max(0, top.offset - offset)
     in_sync = (masters[0].in_sync or 0) if len(masters) == 1 else 0
     return BusStatus(promoted=[m.node for m in masters], sync_replicas=inv.bus.sync_replicas, in_sync=in_sync,
                      replicated=len(masters) == 1 and in_sync >= inv.bus.sync_replicas, nodes=nodes)

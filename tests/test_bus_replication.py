@@ -195,20 +195,20 @@ def _info_probe(server: RedisServer) -> "HostProbe":
 
 def test_status_reads_the_bus_from_real_info_replication(master, replica, inv_with_bus) -> None:
     from congressctl import status
-    nodes = [status.read_bus_node("m", _info_probe(master)), status.read_bus_node("r", _info_probe(replica))]
+    nodes = [status.read_bus_node("n1", _info_probe(master)), status.read_bus_node("n2", _info_probe(replica))]
     bus = status.bus_status(inv_with_bus, nodes)
-    assert bus.promoted == ["m"] and bus.in_sync == 1 and bus.replicated
+    assert bus.promoted == ["n1"] and bus.in_sync == 1 and bus.replicated
     assert nodes[1].role == "replica" and nodes[1].link == "up" and nodes[1].lag_bytes == 0
     assert status.bus_problems(bus) == []
 
     replica.stop()
     wait_for(lambda: master.client().info("replication").get("min_slaves_good_slaves", 1) == 0, 20,
              what="the master counting no good replica")
-    stopped = status.read_bus_node("r", _info_probe(replica))
-    bus = status.bus_status(inv_with_bus, [status.read_bus_node("m", _info_probe(master)), stopped])
+    stopped = status.read_bus_node("n2", _info_probe(replica))
+    bus = status.bus_status(inv_with_bus, [status.read_bus_node("n1", _info_probe(master)), stopped])
     assert not bus.replicated and stopped.error
     problems = status.bus_problems(bus)
-    assert any("bus writes are not replicated: 0 replica(s) in sync on m" in p for p in problems)
+    assert any("bus writes are not replicated: 0 replica(s) in sync on n1" in p for p in problems)
 
 
 @pytest.fixture

@@ -138,10 +138,16 @@ class PolicyNode:
             while not self.outbox.empty() and len(batch) < 1000:
                 batch.append(self.outbox.get_nowait())
             try:
-                await bus.publish(bus.channels.action, {"pe": self.node_id, "inc": self.incarnation, "reqs": batch})
+                heard = await bus.publish(bus.channels.action, {"pe": self.node_id, "inc": self.incarnation,
+                                                                "reqs": batch})
             except BusError as exc:
                 log.debug("action requests not sent yet: %s", exc)
                 await asyncio.sleep(0.2)
+                continue
+            if not heard:
+                # no DSD subscribed (it is starting, or not yet back on the bus after a failover): pub/sub would
+                # drop them, so they wait; a claim keeps each action once when a copy arrives twice
+                await asyncio.sleep(0.1)
                 continue
             self.actions_sent += len(batch)
             now = time.monotonic()
