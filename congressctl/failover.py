@@ -917,8 +917,11 @@ def _figures(result: ScenarioResult, scenario: ScenarioRun, *, recovered: float 
         rec.add("action", f"k={k - base} id={body['action_id'][:12]}", ok=k not in seen, t=t - rec.t0)
         seen.add(k)
     dsd_back = _new_dsd_at(received, rec, t_fault)
+    if dsd_back is None and result.name in BUS_SCENARIOS:
+        dsd_back = _dsd_back_on_bus_at(received, rec, t_fault=t_fault, first_push=first_push)
     if dsd_back is not None:
-        # rows that came and went while no DSD ran never reached one: only changes after it is back count
+        # a push replaces the table: rows that came and went while no DSD ran, or while it was off the bus,
+        # never reached one. Only changes after it is back count
         expected = {k for k in expected if first_push.get(k, 0.0) >= dsd_back}
     result.pushed = len(workload.pushes)
     result.expected_actions = len(expected)
@@ -956,6 +959,14 @@ def _new_dsd_at(received: list[tuple[float, dict]], rec: Recorder, t_fault: floa
     if not before:
         return None
     return next((t - rec.t0 for t, b in received if t - rec.t0 >= t_fault and b.get("executor") != before[-1]),
+                None)
+
+
+def _dsd_back_on_bus_at(received: list[tuple[float, dict]], rec: Recorder, *, t_fault: float,
+                        first_push: dict[int, float]) -> float | None:
+    """When the DSD acted again on a change made after a bus fault: the first action arriving for a row first
+    pushed after the fault (None when none arrived)."""
+    return next((t - rec.t0 for t, b in received if b["args"] and first_push.get(b["args"][0], -1.0) >= t_fault),
                 None)
 
 
