@@ -378,6 +378,7 @@ class Watcher:
         self.thread = threading.Thread(target=self._loop, name="watch", daemon=True)
         self.leader_changes: list[tuple[float, tuple, float | None]] = []
         self.dsd_changes: list[tuple[float, tuple]] = []
+        self.dsd_heard: list[tuple[float, bool]] = []   # (when, whether an api-pe heard the DSD within 1 s)
         self.errors: list[BaseException] = []
 
     def start(self) -> None:
@@ -404,7 +405,10 @@ class Watcher:
             dsd = ApiPeStatus.from_dict(client.get(f"{url}/v1/status").json()).dsd
         except (httpx.HTTPError, ValueError, KeyError, TypeError):
             return
-        if dsd is None or not dsd.node or not dsd.leader or (dsd.age_ms or 0) > 1000:
+        fresh = dsd is not None and (dsd.age_ms or 0) <= 1000
+        with self.rec.lock:
+            self.dsd_heard.append((self.rec.now(), fresh))
+        if dsd is None or not dsd.node or not dsd.leader or not fresh:
             return
         seen = self.rec.now()
         leader = (dsd.leader.node, dsd.leader.inc)
@@ -918,7 +922,9 @@ def _figures(result: ScenarioResult, scenario: ScenarioRun, *, recovered: float 
         seen.add(k)
     dsd_back = _new_dsd_at(received, rec, t_fault)
     if dsd_back is None and result.name in BUS_SCENARIOS:
-        dsd_back = _dsd_back_on_bus_at(received, rec, t_fault=t_fault, first_push=first_push)
+        # the DSD was off the bus as long as the api-pes did not hear it (back at the fault: it never was)
+        heard_again = back_at(sorted(scenario.watcher.dsd_heard), t_fault=t_fault, now=float("inf"))
+        dsd_back = heard_again if heard_again is not None and heard_again > t_fault else None
     if dsd_back is not None:
         # a push replaces the table: rows that came and went while no DSD ran, or while it was off the bus,
         # never reached one. Only changes after it is back count
@@ -959,14 +965,6 @@ def _new_dsd_at(received: list[tuple[float, dict]], rec: Recorder, t_fault: floa
     if not before:
         return None
     return next((t - rec.t0 for t, b in received if t - rec.t0 >= t_fault and b.get("executor") != before[-1]),
-                None)
-
-
-def _dsd_back_on_bus_at(received: list[tuple[float, dict]], rec: Recorder, *, t_fault: float,
-                        first_push: dict[int, float]) -> float | None:
-    """When the DSD acted again on a change made after a bus fault: the first action arriving for a row first
-    pushed after the fault (None when none arrived)."""
-    return next((t - rec.t0 for t, b in received if b["args"] and first_push.get(b["args"][0], -1.0) >= t_fault),
                 None)
 
 
