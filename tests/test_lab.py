@@ -135,7 +135,8 @@ def test_inventory_describes_the_lab(lab: Lab) -> None:
     inv = yaml.safe_load(lab.inventory.read_text())
     assert inv["cluster"] == lab.name
     assert [(n["name"], n["address"]) for n in inv["nodes"]] == [(h.name, h.address) for h in lab.hosts]
-    assert [n["roles"] for n in inv["nodes"]] == [["api-pe", "dsd", "bus"], ["api-pe", "dsd"], ["api-pe", "dsd"]]
+    assert [n["roles"] for n in inv["nodes"]] == [["api-pe", "dsd", "bus"]] * 3     # the replicated bus
+    assert inv["bus"]["vip"].rsplit(".", 1)[0] == inv["vip"]["address"].rsplit(".", 1)[0]
     assert inv["vip"] == {"address": lab.vip, "cidr": 24, "interface": "eth0"}
     assert inv["dsd"]["preference"] == ["n2", "n3", "n1"]   # not the bus host first
     assert (lab.inventory.parent / inv["ssh"]["key"]).samefile(lab.key)

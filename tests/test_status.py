@@ -153,7 +153,8 @@ def test_healthy_cluster_matches_crm_mon_and_the_nodes(cluster) -> None:
     assert sorted(report["placement"]["online"]) == sorted(n.name for n in cluster.inv.nodes)
     for host in report["hosts"]:
         assert host["reachable"] and host["online"] and host["quorum"]
-        assert host["resources"] == sorted(r for r, on in placement.running.items() if host["name"] in on)
+        assert host["resources"] == sorted(f"{r} (promoted)" if host["name"] in placement.promoted.get(r, []) else r
+                                           for r, on in placement.running.items() if host["name"] in on)
     vip_host = next(h for h in report["hosts"] if h["name"] in placement.on("haproxy"))
     assert sorted(b["server"] for b in vip_host["backends"] if b["status"] == "UP") == sorted(
         n.name for n in cluster.inv.with_role("api-pe"))
