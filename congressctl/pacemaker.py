@@ -15,6 +15,7 @@ from congressctl import remote
 from congressctl.inventory import Inventory
 
 CRM_MON = "crm_mon -1 --output-as=xml"
+BAN_LIFETIME = "PT10M"
 
 
 @dataclass
@@ -77,6 +78,25 @@ def restart_resource(conn: remote.Connection, resource: str) -> bool:
     return proc.exit_code == 0
 
 
+def ban(conn: remote.Connection, resource: str, node: str, lifetime: str = BAN_LIFETIME) -> None:
+    """Keep `resource` off `node` (for a clone: stop its instance there) until `clear`, or until `lifetime`
+    (ISO 8601) has passed, so that a deploy killed in between leaves nothing banned for long."""
+    conn.run(f"crm_resource --resource {shlex.quote(resource)} --ban --node {shlex.quote(node)} "
+             f"--lifetime {shlex.quote(lifetime)} --quiet", timeout=30)
+
+
+def clear(conn: remote.Connection, resource: str, node: str | None = None) -> None:
+    """Remove the bans (and moves) crm_resource made for `resource`: on `node`, or everywhere."""
+    where = f" --node {shlex.quote(node)}" if node else ""
+    conn.run(f"crm_resource --resource {shlex.quote(resource)} --clear{where} --quiet", timeout=30)
+
+
+def bans(conn: remote.Connection) -> list[tuple[str, str]]:
+    """(resource, node) of every location constraint crm_resource --ban or --move left in the CIB."""
+    out = conn.run("cibadmin --query --scope constraints", timeout=20, check=False).stdout
+    return parse_bans(out) if out.strip() else []
+
+
 def cleanup(conn: remote.Connection) -> None:
     """Forget every failure Pacemaker counted."""
     conn.run("crm_resource --cleanup --quiet >/dev/null 2>&1 || true", timeout=60)
@@ -110,6 +130,18 @@ def parse_crm_mon(xml_text: str) -> Placement:
         for rid in table:
             table[rid] = sorted(table[rid])
     return placement
+
+
+def parse_bans(xml_text: str) -> list[tuple[str, str]]:
+    """(resource, node) of the cli-ban-*/cli-prefer-* location constraints in a CIB's constraints section (one
+    made with a lifetime names its node in a rule)."""
+    found = []
+    for c in ET.fromstring(xml_text).iter("rsc_location"):
+        if not c.get("id", "").startswith(("cli-ban-", "cli-prefer-")):
+            continue
+        named = [e.get("value", "") for e in c.iter("expression") if e.get("attribute") == "#uname"]
+        found.append((c.get("rsc", ""), c.get("node") or (named[0] if named else "")))
+    return found
 
 
 def read_host_view(xml_text: str, exit_code: int) -> HostView | None:
