@@ -403,6 +403,10 @@ def _configure_cluster(inv: Inventory, reports: dict[str, HostReport], result: D
         if existed:
             rolling.clear_leftovers(conn)
             try:
+                if result.cib_loaded and any(r.stale for r in reports.values()):
+                    # Pacemaker may have restarted what the new CIB changed: settle, then ask again what is stale
+                    _wait_ready(conn, inv, result, deadline)
+                    _refresh_stale(inv, reports)
                 _roll(conn, inv, reports, result, serial=serial, deadline=deadline, progress=progress)
             except CongressctlError as exc:
                 # not handed to the next host: the hosts after this one keep serving, and the next deploy goes on
@@ -417,6 +421,16 @@ def _configure_cluster(inv: Inventory, reports: dict[str, HostReport], result: D
         remote.first_reachable(inv, inv.nodes, configure)
     except NoHostAnswered as exc:
         result.problems += exc.failures or ["no host could configure the cluster"]
+
+
+def _refresh_stale(inv: Inventory, reports: dict[str, HostReport]) -> None:
+    def ask(host: remote.Host) -> None:
+        with remote.connect(inv, inv.node(host.name)) as conn:
+            reports[host.name].stale = _actions(conn.run(f"{CLUSTER_SCRIPT} stale", timeout=30).stdout)
+
+    hosts = [remote.host_of(inv, inv.node(name)) for name, r in reports.items() if r.stale]
+    for name, outcome in remote.run_on_hosts(hosts, ask, timeout=60).failed.items():
+        raise DeployError(f"cannot tell which processes are stale: {outcome.error}", host=name, step="rolling restart")
 
 
 def _wait_membership(conn: remote.Connection, inv: Inventory, deadline: float) -> None:
@@ -452,7 +466,9 @@ def _load_cib(conn: remote.Connection, inv: Inventory, changed: bool, result: De
     existed = 'id="api-pe-clone"' in current.stdout
     if existed and not changed:
         return True
-    pacemaker.replace_configuration(conn, _pushed_cib(conn))
+    # only what our rendering changed since the CIB file this deploy replaced (put_file kept it as .prev)
+    if not (existed and pacemaker.patch_configuration(conn, f"{CIB_PATH}.prev", CIB_PATH)):
+        pacemaker.replace_configuration(conn, _pushed_cib(conn))
     result.cib_loaded = True
     return existed
 
@@ -474,7 +490,7 @@ class _Restarts:
     plan: rolling.Plan
 
     def steps(self) -> list[str]:
-        return ([f"restart haproxy on {self.vip}"] if self.haproxy else []) + self.plan.steps()
+        return ([f"reload haproxy on {self.vip}"] if self.haproxy else []) + self.plan.steps()
 
 
 def _restarts(conn: remote.Connection, inv: Inventory, stale: dict[str, list[str]], serial: int) -> _Restarts:
@@ -496,11 +512,13 @@ def _roll(conn: remote.Connection, inv: Inventory, reports: dict[str, HostReport
         return
     due = _restarts(conn, inv, stale, serial)
     result.plan = due.steps()
-    if due.haproxy and pacemaker.restart_resource(conn, "haproxy"):
-        reports[due.vip].restarted.append("restarted haproxy")
-    if due.plan.empty:
+    if due.plan.empty and not due.haproxy:
         return
     with remote.connect(inv, inv.node(due.vip)) as vip_conn:
+        if due.haproxy:
+            if progress:
+                progress(due.vip, "reload haproxy")
+            reports[due.vip].restarted += _actions(vip_conn.run(f"{CLUSTER_SCRIPT} reload-haproxy", timeout=60).stdout)
         roll = rolling.Roll(vip_conn, inv, deadline=deadline, progress=progress)
         try:
             roll.run(due.plan)

@@ -56,3 +56,35 @@ def test_show_stat_gives_each_servers_state_and_sessions() -> None:
     assert sorted(servers) == ["n1", "n2"]
     assert (servers["n1"].status, servers["n1"].sessions, servers["n1"].up) == ("DRAIN", 2, False)
     assert (servers["n2"].status, servers["n2"].sessions, servers["n2"].up) == ("UP", 0, True)
+
+
+LIVE_VS_OURS = """<diff format="2">
+  <change operation="delete" path="/cib/status/node_state[@id=&apos;3&apos;]"/>
+  <change operation="modify" path="/cib">
+    <change-list><change-attr name="crm_feature_set" operation="unset"/></change-list>
+    <change-result><cib validate-with="pacemaker-3.9" epoch="59" num_updates="0" admin_epoch="0"/></change-result>
+  </change>
+  <change operation="create" path="/cib/configuration/constraints" position="5">
+    <!-- a comment of ours -->
+  </change>
+  <change operation="delete" path="/cib/configuration/constraints/rsc_location[@id=&apos;cli-ban-bus-on-n3&apos;]"/>
+  {extra}
+</diff>"""
+OLD_CIB = """<cib><configuration><constraints>
+  <rsc_location id="dsd-prefers-n9" rsc="dsd" node="n9" score="10"/>
+</constraints></configuration></cib>"""
+
+
+def test_a_live_cib_with_bans_and_pacemakers_own_additions_holds_ours() -> None:
+    assert pacemaker.live_lacks(LIVE_VS_OURS.format(extra=""), OLD_CIB) == []
+
+
+def test_a_live_cib_missing_part_of_ours_or_keeping_what_we_dropped_does_not() -> None:
+    missing = ('<change operation="create" path="/cib/configuration/resources" position="1">'
+               '<primitive id="haproxy"/></change>')
+    changed = ('<change operation="modify" path="/cib/configuration/rsc_defaults/meta_attributes'
+               '[@id=&apos;rsc-defaults&apos;]/nvpair[@id=&apos;rsc-defaults-stickiness&apos;]"/>')
+    dropped = '<change operation="delete" path="/cib/configuration/constraints/rsc_location[@id=&apos;dsd-prefers-n9&apos;]"/>'
+    for extra in (missing, changed, dropped):
+        assert len(pacemaker.live_lacks(LIVE_VS_OURS.format(extra=extra), OLD_CIB)) == 1, extra
+    assert pacemaker.live_lacks('<diff format="1"/>', OLD_CIB) != []
