@@ -148,25 +148,30 @@ def source_digest(root: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def wheelhouse_digest(root: Path, python_version: str) -> str:
+def wheelhouse_digest(root: Path, python_version: str, local_version: str | None = None) -> str:
     """What a host's package stamp says once this tree's wheelhouse for its Python is installed there."""
-    return f"{source_digest(root)}-py{python_version}"
+    label = f"+{local_version}" if local_version else ""
+    return f"{source_digest(root)}{label}-py{python_version}"
 
 
-def build_wheelhouse(state_dir: Path, python_version: str, timeout: float = 600) -> Wheelhouse:
+def build_wheelhouse(state_dir: Path, python_version: str, timeout: float = 600,
+                     local_version: str | None = None) -> Wheelhouse:
     """congressctl's wheel plus every dependency's for the hosts' Python (hosts need no package index),
     and pip's own wheel, which the hosts run straight from the file (see _install_package).
 
-    Built once per (source digest, host Python version). pip resolves for the local interpreter, so
-    dependencies whose markers hold only on the hosts' version (e.g. async-timeout below 3.11.3) are added.
+    Built once per (source digest, local version, host Python version); `local_version` makes the package
+    0.1.0+LOCAL_VERSION (setup.py reads it from CONGRESSCTL_LOCAL_VERSION). pip resolves for the local
+    interpreter, so dependencies whose markers hold only on the hosts' version (e.g. async-timeout below
+    3.11.3) are added.
     """
     root = project_root()
-    digest = wheelhouse_digest(root, python_version)
+    digest = wheelhouse_digest(root, python_version, local_version)
     folder = state_dir / "wheelhouse" / digest
     if not (folder / ".complete").exists():
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="congressctl-src-") as tmp:
-            _pip(["wheel", "--quiet", "-w", str(folder), str(_source_copy(root, Path(tmp)))], timeout)
+            _pip(["wheel", "--quiet", "-w", str(folder), str(_source_copy(root, Path(tmp)))], timeout,
+                 env={**os.environ, "CONGRESSCTL_LOCAL_VERSION": local_version or ""})
         for requirement in ["pip", *_missing_for(folder, python_version)]:
             _pip(["download", "--quiet", "--no-deps", "--only-binary=:all:", "--python-version", python_version,
                   "-d", str(folder), requirement], timeout)
@@ -185,10 +190,10 @@ def _source_copy(root: Path, into: Path) -> Path:
     return src
 
 
-def _pip(args: list[str], timeout: float) -> None:
+def _pip(args: list[str], timeout: float, env: dict[str, str] | None = None) -> None:
     try:
         proc = subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True, timeout=timeout,
-                              check=False)
+                              check=False, env=env)
     except subprocess.TimeoutExpired:
         raise ToolTimeoutError(f"building the wheelhouse: `pip {args[0]}` did not finish within {timeout:g} s "
                                "(killed)") from None
@@ -238,8 +243,10 @@ class _Steps:
 
 
 def deploy(inv: Inventory, *, accept_new: bool = False, dry_run: bool = False, serial: int = 1,
-           wait_timeout: float = 240.0, progress: Progress | None = None, max_workers: int = 8) -> DeployResult:
-    """`serial`: how many hosts a rolling restart takes out of service at a time."""
+           wait_timeout: float = 240.0, progress: Progress | None = None, max_workers: int = 8,
+           local_version: str | None = None) -> DeployResult:
+    """`serial`: how many hosts a rolling restart takes out of service at a time; `local_version`: a label
+    for the package built (see build_wheelhouse)."""
     started = time.monotonic()
     if serial < 1:
         raise DeployError(f"serial must be at least 1 (got {serial})")
@@ -247,7 +254,7 @@ def deploy(inv: Inventory, *, accept_new: bool = False, dry_run: bool = False, s
         return _dry_run(inv, accept_new, progress, max_workers, started, serial)
     secrets = load_or_create_secrets(inv)
     rendered = render_all(inv, secrets)
-    wheelhouses = _Wheelhouses(inv.state_dir)
+    wheelhouses = _Wheelhouses(inv.state_dir, local_version)
     nodes = {n.name: n for n in inv.nodes}
     reports = {n.name: HostReport(n.name) for n in inv.nodes}
 
@@ -301,15 +308,16 @@ def _push_host(inv: Inventory, node: Node, files: list[RenderedFile], wheelhouse
 class _Wheelhouses:
     """One wheelhouse per host Python version, built once even when several hosts ask at the same time."""
 
-    def __init__(self, state_dir: Path):
-        self.state_dir = state_dir
+    def __init__(self, state_dir: Path, local_version: str | None):
+        self.state_dir, self.local_version = state_dir, local_version
         self.lock = threading.Lock()
         self.built: dict[str, Wheelhouse] = {}
 
     def get(self, python_version: str) -> Wheelhouse:
         with self.lock:
             if python_version not in self.built:
-                self.built[python_version] = build_wheelhouse(self.state_dir, python_version)
+                self.built[python_version] = build_wheelhouse(self.state_dir, python_version,
+                                                              local_version=self.local_version)
             return self.built[python_version]
 
 

@@ -629,7 +629,9 @@ class ApiPeNode(BusWorker):
     async def full_sync_loop(self) -> None:
         while not self.bus.stopping:
             await self.bus.wait_stop(self.cfg.timings.full_sync_interval_s)
-            if self.bus.connected and self.synced:
+            # not once stopping: the bus reader is gone, so the sync would find the tables behind and derive
+            # their new rows' actions again under the snapshot's (epoch, seq), other ids than the other PEs'
+            if self.bus.connected and self.synced and not self.bus.stopping:
                 try:
                     await self.pe.full_sync()
                 except BusError as exc:
