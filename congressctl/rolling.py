@@ -69,14 +69,11 @@ def make_plan(stale: dict[str, list[str]], placement: pacemaker.Placement, *, le
     return Plan(api_pe=[api[i:i + serial] for i in range(0, len(api), serial)], dsd=dsd)
 
 
-def clear_leftovers(conn: remote.Connection) -> list[str]:
-    """Clear the bans a deploy killed mid-roll left on our resources; returns what was cleared."""
-    cleared = []
+def clear_leftovers(conn: remote.Connection) -> None:
+    """Clear the bans a deploy killed mid-roll left on our resources."""
     for resource, node in pacemaker.bans(conn):
         if resource in (API_CLONE, DSD):
             pacemaker.clear(conn, resource, node or None)
-            cleared.append(f"{resource} on {node}")
-    return cleared
 
 
 def dsd_view(conn: remote.Connection, inv: Inventory) -> DsdView | None:
