@@ -1,8 +1,14 @@
+import os
+
 from setuptools import find_packages, setup
+
+# A local version label (PEP 440: 0.1.0+LABEL) for a build that must differ from the last one installed, such as
+# the package failover-test's rolling-upgrade scenario deploys (congressctl.deploy.build_wheelhouse sets it).
+LOCAL_VERSION = os.environ.get("CONGRESSCTL_LOCAL_VERSION", "")
 
 setup(
     name="congressctl",
-    version="0.1.0",
+    version="0.1.0" + (f"+{LOCAL_VERSION}" if LOCAL_VERSION else ""),
     description="Deploy, run, watch and failure-test a highly available Congress-style policy service",
     packages=find_packages(include=["congressctl", "congressctl.*"]),
     # congressctl/templates is a link to the top-level templates/ folder; wheels carry the files themselves.

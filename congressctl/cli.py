@@ -207,12 +207,19 @@ class HostProgress:
 @accept_new_option
 @click.option("--timeout", "wait_timeout", type=float, default=240, show_default=True,
               help="Seconds to wait for Pacemaker to start every resource.")
+@click.option("--serial", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Hosts a rolling restart takes out of service at a time.")
 @output_option
-def deploy_cmd(inventory_path: Path, dry_run: bool, accept_new: bool, wait_timeout: float, output: str) -> None:
+def deploy_cmd(inventory_path: Path, dry_run: bool, accept_new: bool, wait_timeout: float, serial: int,
+               output: str) -> None:
     """Install congressctl, push every rendered file and start the cluster on every host, over SSH.
 
     Idempotent: a second run with the same inventory changes no file and restarts nothing. A host that
     fails is reported with its step; files this run changed are put back on every host; exit status 1.
+    Processes that must restart to see a new package or config restart a few hosts at a time (--serial),
+    each drained in HAProxy first, so that the API keeps answering; a host that does not come back healthy
+    stops the roll there (exit status 1, naming it) and the next deploy goes on with the hosts after it.
+    --dry-run shows what would restart, and in what order.
 
     \b
     Example:
@@ -227,16 +234,20 @@ def deploy_cmd(inventory_path: Path, dry_run: bool, accept_new: bool, wait_timeo
     inv = inventory.load_inventory(inventory_path)
     warn_all(inv.warnings)
     with HostProgress([n.name for n in inv.nodes]) as progress:
-        result = deploy.deploy(inv, accept_new=accept_new, dry_run=dry_run,
+        result = deploy.deploy(inv, accept_new=accept_new, dry_run=dry_run, serial=serial,
                                wait_timeout=wait_timeout, progress=progress)
     if output == "json":
         click.echo(json.dumps({**asdict(result), "ok": result.ok, "changed": result.changed}, indent=2, default=str))
     elif dry_run:
         for report in result.hosts.values():
-            out.rule(f"{report.host}: {len(report.changed)} file(s) would change" if report.ok
+            package = ", congressctl would be installed" if report.installed else ""
+            out.rule(f"{report.host}: {len(report.changed)} file(s) would change{package}" if report.ok
                      else f"{report.host}: FAILED at {report.step}")
             if report.diff:
                 click.echo(report.diff, nl=False)
+        out.rule("restarts, in order" if result.plan else "nothing would restart")
+        for number, step in enumerate(result.plan, 1):
+            click.echo(f"{number}. {step}")
     else:
         emit([{"host": r.host, "ok": r.ok, "step": r.step, "installed": r.installed, "changed": len(r.changed),
                "restarted": r.restarted, "error": r.error} for r in result.hosts.values()], output,

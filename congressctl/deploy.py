@@ -2,11 +2,14 @@
 
 Phases, each collecting every host's outcome (never stopping at the first failure):
 1. install congressctl (a locally built wheelhouse) and push every file atomically; if any host fails, the
-   files this run changed on every host are put back, and nothing is started;
+   files this run changed on every host are put back, and nothing is started; each host then names its
+   stale processes (running, but older than the package or config they read: `congressctl-cluster stale`);
 2. start the cluster stack where it is not running (reload corosync where its config changed);
-3. load the CIB when it changed (or the cluster has none of ours yet), restart what a changed file feeds;
+3. load the CIB when it changed (or the cluster has none of ours yet), then restart the stale processes
+   host by host behind HAProxy (rolling.py), so that the API never stops answering;
 4. wait until Pacemaker reports every resource where the design puts it.
-A second run with the same inventory changes no file and restarts nothing.
+A second run with the same inventory changes no file and restarts nothing. A run whose rolling restart
+stopped at a host leaves the hosts after it stale: the next run goes on with them.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 import congressctl
-from congressctl import pacemaker, remote
+from congressctl import pacemaker, remote, rolling
 from congressctl.errors import CongressctlError, DeployError, NoHostAnswered, RemoteError, ToolTimeoutError
 from congressctl.files import atomic_write
 from congressctl.inventory import Inventory, Node
@@ -42,13 +45,6 @@ VENV = "/opt/congressctl"
 WHEELS = f"{VENV}/wheels"
 STAMP = f"{VENV}/.wheelhouse"
 CLUSTER_SCRIPT = f"{SBIN_DIR}/congressctl-cluster"
-# A changed file -> the Pacemaker resources that read it and must restart to see it.
-PACKAGE = f"{VENV} (congressctl package)"
-RESTART_ON_CHANGE = {
-    "/etc/haproxy/haproxy.cfg": "haproxy",
-    "/etc/congressctl/congress.yaml": ("api-pe-clone", "dsd"),
-    PACKAGE: ("api-pe-clone", "dsd"),
-}
 
 Progress = Callable[[str, str], None]
 
@@ -63,6 +59,7 @@ class HostReport:
     changed: list[str] = field(default_factory=list)
     restarted: list[str] = field(default_factory=list)
     rolled_back: list[str] = field(default_factory=list)
+    stale: list[str] = field(default_factory=list)   # processes older than what they read (before any restart)
     diff: str = ""
 
 
@@ -70,7 +67,7 @@ class HostReport:
 class DeployResult:
     hosts: dict[str, HostReport]
     cib_loaded: bool = False
-    restarted_resources: list[str] = field(default_factory=list)
+    plan: list[str] = field(default_factory=list)   # the rolling restart, in order (dry run: what it would be)
     ready: bool = False
     problems: list[str] = field(default_factory=list)
     duration_s: float = 0.0
@@ -151,20 +148,30 @@ def source_digest(root: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def build_wheelhouse(state_dir: Path, python_version: str, timeout: float = 600) -> Wheelhouse:
+def wheelhouse_digest(root: Path, python_version: str, local_version: str | None = None) -> str:
+    """What a host's package stamp says once this tree's wheelhouse for its Python is installed there."""
+    label = f"+{local_version}" if local_version else ""
+    return f"{source_digest(root)}{label}-py{python_version}"
+
+
+def build_wheelhouse(state_dir: Path, python_version: str, timeout: float = 600,
+                     local_version: str | None = None) -> Wheelhouse:
     """congressctl's wheel plus every dependency's for the hosts' Python (hosts need no package index),
     and pip's own wheel, which the hosts run straight from the file (see _install_package).
 
-    Built once per (source digest, host Python version). pip resolves for the local interpreter, so
-    dependencies whose markers hold only on the hosts' version (e.g. async-timeout below 3.11.3) are added.
+    Built once per (source digest, local version, host Python version); `local_version` makes the package
+    0.1.0+LOCAL_VERSION (setup.py reads it from CONGRESSCTL_LOCAL_VERSION). pip resolves for the local
+    interpreter, so dependencies whose markers hold only on the hosts' version (e.g. async-timeout below
+    3.11.3) are added.
     """
     root = project_root()
-    digest = f"{source_digest(root)}-py{python_version}"
+    digest = wheelhouse_digest(root, python_version, local_version)
     folder = state_dir / "wheelhouse" / digest
     if not (folder / ".complete").exists():
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="congressctl-src-") as tmp:
-            _pip(["wheel", "--quiet", "-w", str(folder), str(_source_copy(root, Path(tmp)))], timeout)
+            _pip(["wheel", "--quiet", "-w", str(folder), str(_source_copy(root, Path(tmp)))], timeout,
+                 env={**os.environ, "CONGRESSCTL_LOCAL_VERSION": local_version or ""})
         for requirement in ["pip", *_missing_for(folder, python_version)]:
             _pip(["download", "--quiet", "--no-deps", "--only-binary=:all:", "--python-version", python_version,
                   "-d", str(folder), requirement], timeout)
@@ -183,10 +190,10 @@ def _source_copy(root: Path, into: Path) -> Path:
     return src
 
 
-def _pip(args: list[str], timeout: float) -> None:
+def _pip(args: list[str], timeout: float, env: dict[str, str] | None = None) -> None:
     try:
         proc = subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True, timeout=timeout,
-                              check=False)
+                              check=False, env=env)
     except subprocess.TimeoutExpired:
         raise ToolTimeoutError(f"building the wheelhouse: `pip {args[0]}` did not finish within {timeout:g} s "
                                "(killed)") from None
@@ -235,14 +242,19 @@ class _Steps:
 # ---------------------------------------------------------------------------------------------- deploy
 
 
-def deploy(inv: Inventory, *, accept_new: bool = False, dry_run: bool = False,
-           wait_timeout: float = 240.0, progress: Progress | None = None, max_workers: int = 8) -> DeployResult:
+def deploy(inv: Inventory, *, accept_new: bool = False, dry_run: bool = False, serial: int = 1,
+           wait_timeout: float = 240.0, progress: Progress | None = None, max_workers: int = 8,
+           local_version: str | None = None) -> DeployResult:
+    """`serial`: how many hosts a rolling restart takes out of service at a time; `local_version`: a label
+    for the package built (see build_wheelhouse)."""
     started = time.monotonic()
+    if serial < 1:
+        raise DeployError(f"serial must be at least 1 (got {serial})")
     if dry_run:
-        return _dry_run(inv, accept_new, progress, max_workers, started)
+        return _dry_run(inv, accept_new, progress, max_workers, started, serial)
     secrets = load_or_create_secrets(inv)
     rendered = render_all(inv, secrets)
-    wheelhouses = _Wheelhouses(inv.state_dir)
+    wheelhouses = _Wheelhouses(inv.state_dir, local_version)
     nodes = {n.name: n for n in inv.nodes}
     reports = {n.name: HostReport(n.name) for n in inv.nodes}
 
@@ -264,7 +276,7 @@ def deploy(inv: Inventory, *, accept_new: bool = False, dry_run: bool = False,
 
     _collect(remote.run_on_hosts(hosts, start, max_workers=max_workers, timeout=120), reports)
     if all(r.ok for r in reports.values()):
-        _configure_cluster(inv, reports, result, wait_timeout, progress)
+        _configure_cluster(inv, reports, result, wait_timeout=wait_timeout, serial=serial, progress=progress)
     result.duration_s = time.monotonic() - started
     return result
 
@@ -289,21 +301,23 @@ def _push_host(inv: Inventory, node: Node, files: list[RenderedFile], wheelhouse
         for f in files:
             if conn.put_file(f.path, f.content, mode=f.mode, owner=f.owner):
                 report.changed.append(f.path)
+        report.stale = _actions(conn.run(f"{CLUSTER_SCRIPT} stale", timeout=30).stdout)
         step("files pushed")
 
 
 class _Wheelhouses:
     """One wheelhouse per host Python version, built once even when several hosts ask at the same time."""
 
-    def __init__(self, state_dir: Path):
-        self.state_dir = state_dir
+    def __init__(self, state_dir: Path, local_version: str | None):
+        self.state_dir, self.local_version = state_dir, local_version
         self.lock = threading.Lock()
         self.built: dict[str, Wheelhouse] = {}
 
     def get(self, python_version: str) -> Wheelhouse:
         with self.lock:
             if python_version not in self.built:
-                self.built[python_version] = build_wheelhouse(self.state_dir, python_version)
+                self.built[python_version] = build_wheelhouse(self.state_dir, python_version,
+                                                              local_version=self.local_version)
             return self.built[python_version]
 
 
@@ -384,20 +398,29 @@ def _actions(stdout: str) -> list[str]:
     return [line.strip() for line in stdout.splitlines() if line.strip()]
 
 
-def _configure_cluster(inv: Inventory, reports: dict[str, HostReport], result: DeployResult, wait_timeout: float,
-                       progress: Progress | None) -> None:
-    """Load the CIB and restart what changed, through one host (the first that answers), then wait."""
+def _configure_cluster(inv: Inventory, reports: dict[str, HostReport], result: DeployResult, *, wait_timeout: float,
+                       serial: int, progress: Progress | None) -> None:
+    """Load the CIB through one host (the first that answers), restart what is stale host by host, then wait."""
     deadline = time.monotonic() + wait_timeout
     changed_paths = {p for r in reports.values() for p in r.changed}
-    if any(r.installed for r in reports.values()):
-        changed_paths.add(PACKAGE)
 
     def configure(conn: remote.Connection) -> None:
         if progress:
             progress(conn.host.name, "load CIB")
         existed = _load_cib(conn, inv, CIB_PATH in changed_paths, result, deadline)
         if existed:
-            _restart_changed(conn, changed_paths, result)
+            rolling.clear_leftovers(conn)
+            try:
+                if result.cib_loaded and any(r.stale for r in reports.values()):
+                    # Pacemaker may have restarted what the new CIB changed: settle, then ask again what is stale
+                    _wait_ready(conn, inv, result, deadline)
+                    _refresh_stale(inv, reports)
+                _roll(conn, inv, reports, result, serial=serial, deadline=deadline, progress=progress)
+            except CongressctlError as exc:
+                # not handed to the next host: the hosts after this one keep serving, and the next deploy goes on
+                _failed(reports, exc, conn.host.name)
+                result.problems.append(str(exc))
+                return
         if progress:
             progress(conn.host.name, "wait for resources")
         _wait_ready(conn, inv, result, deadline)
@@ -406,6 +429,16 @@ def _configure_cluster(inv: Inventory, reports: dict[str, HostReport], result: D
         remote.first_reachable(inv, inv.nodes, configure)
     except NoHostAnswered as exc:
         result.problems += exc.failures or ["no host could configure the cluster"]
+
+
+def _refresh_stale(inv: Inventory, reports: dict[str, HostReport]) -> None:
+    def ask(host: remote.Host) -> None:
+        with remote.connect(inv, inv.node(host.name)) as conn:
+            reports[host.name].stale = _actions(conn.run(f"{CLUSTER_SCRIPT} stale", timeout=30).stdout)
+
+    hosts = [remote.host_of(inv, inv.node(name)) for name, r in reports.items() if r.stale]
+    for name, outcome in remote.run_on_hosts(hosts, ask, timeout=60).failed.items():
+        raise DeployError(f"cannot tell which processes are stale: {outcome.error}", host=name, step="rolling restart")
 
 
 def _wait_membership(conn: remote.Connection, inv: Inventory, deadline: float) -> None:
@@ -441,7 +474,9 @@ def _load_cib(conn: remote.Connection, inv: Inventory, changed: bool, result: De
     existed = 'id="api-pe-clone"' in current.stdout
     if existed and not changed:
         return True
-    pacemaker.replace_configuration(conn, _pushed_cib(conn))
+    # only what our rendering changed since the CIB file this deploy replaced (put_file kept it as .prev)
+    if not (existed and pacemaker.patch_configuration(conn, f"{CIB_PATH}.prev", CIB_PATH)):
+        pacemaker.replace_configuration(conn, _pushed_cib(conn))
     result.cib_loaded = True
     return existed
 
@@ -454,14 +489,57 @@ def _pushed_cib(conn: remote.Connection) -> bytes:
     return cib
 
 
-def _restart_changed(conn: remote.Connection, changed_paths: set[str], result: DeployResult) -> None:
-    due: list[str] = []
-    for path, resources in RESTART_ON_CHANGE.items():
-        if path in changed_paths:
-            due += [r for r in ((resources,) if isinstance(resources, str) else resources) if r not in due]
-    for resource in due:
-        if pacemaker.restart_resource(conn, resource):
-            result.restarted_resources.append(resource)
+@dataclass
+class _Restarts:
+    """What a deploy restarts where: HAProxy on the VIP host (when `haproxy`), then the rolling plan."""
+
+    vip: str
+    haproxy: bool
+    plan: rolling.Plan
+
+    def steps(self) -> list[str]:
+        return ([f"reload haproxy on {self.vip}"] if self.haproxy else []) + self.plan.steps()
+
+
+def _restarts(conn: remote.Connection, inv: Inventory, stale: dict[str, list[str]], serial: int) -> _Restarts:
+    placement = pacemaker.cluster_placement(conn)
+    if placement is None:
+        raise DeployError("crm_mon did not answer", host=conn.host.name, step="rolling restart")
+    vip = next(iter(placement.on("haproxy")), conn.host.name)
+    view = rolling.dsd_view(conn, inv) if stale else None
+    plan = rolling.make_plan(stale, placement, leader=view.leader.node if view and view.leader else None,
+                             serial=serial)
+    return _Restarts(vip=vip, haproxy="haproxy" in stale.get(vip, []), plan=plan)
+
+
+def _roll(conn: remote.Connection, inv: Inventory, reports: dict[str, HostReport], result: DeployResult, *,
+          serial: int, deadline: float, progress: Progress | None) -> None:
+    """Restart the stale processes: HAProxy where it runs, then api-pe host by host and the DSD (rolling.py)."""
+    stale = {name: r.stale for name, r in reports.items() if r.stale}
+    if not stale:
+        return
+    due = _restarts(conn, inv, stale, serial)
+    result.plan = due.steps()
+    if due.plan.empty and not due.haproxy:
+        return
+    with remote.connect(inv, inv.node(due.vip)) as vip_conn:
+        if due.haproxy:
+            if progress:
+                progress(due.vip, "reload haproxy")
+            reports[due.vip].restarted += _actions(vip_conn.run(f"{CLUSTER_SCRIPT} reload-haproxy", timeout=60).stdout)
+        roll = rolling.Roll(vip_conn, inv, deadline=deadline, progress=progress)
+        try:
+            roll.run(due.plan)
+        finally:
+            for name, done in roll.done.items():
+                reports[name].restarted += done
+
+
+def _failed(reports: dict[str, HostReport], exc: CongressctlError, fallback: str) -> None:
+    report = reports[exc.host if exc.host in reports else fallback]
+    report.ok = False
+    report.error = exc.message
+    report.step = getattr(exc, "step", None) or "rolling restart"
 
 
 def _wait_ready(conn: remote.Connection, inv: Inventory, result: DeployResult, deadline: float) -> None:
@@ -491,10 +569,11 @@ def _api_healthy(conn: remote.Connection, inv: Inventory) -> bool:
 
 
 def _dry_run(inv: Inventory, accept_new: bool, progress: Progress | None, max_workers: int,
-             started: float) -> DeployResult:
+             started: float, serial: int) -> DeployResult:
     secrets = load_or_create_secrets(inv, create=False)
     rendered = render_all(inv, secrets)
     reports = {n.name: HostReport(n.name) for n in inv.nodes}
+    root = project_root()
 
     def diff(host: remote.Host) -> None:
         report = reports[host.name]
@@ -508,10 +587,33 @@ def _dry_run(inv: Inventory, accept_new: bool, progress: Progress | None, max_wo
                 report.changed.append(f.path)
                 chunks.append(_file_diff(f, current))
             report.diff = "".join(chunks)
+            report.installed = _would_install(conn, root)
+            report.stale = _would_be_stale(conn, report.changed + ([STAMP] if report.installed else []))
 
     hosts = [remote.host_of(inv, n) for n in inv.nodes]
     _collect(remote.run_on_hosts(hosts, diff, max_workers=max_workers, timeout=120), reports)
-    return DeployResult(hosts=reports, dry_run=True, duration_s=time.monotonic() - started)
+    result = DeployResult(hosts=reports, dry_run=True)
+    stale = {name: r.stale for name, r in reports.items() if r.stale}
+    if stale and all(r.ok for r in reports.values()):
+        try:
+            result.plan = remote.first_reachable(inv, inv.nodes, lambda c: _restarts(c, inv, stale, serial).steps(),
+                                                 accept_new=accept_new)
+        except NoHostAnswered as exc:
+            result.problems += exc.failures or ["no host could tell where the processes run"]
+    result.duration_s = time.monotonic() - started
+    return result
+
+
+def _would_install(conn: remote.Connection, root: Path) -> bool:
+    version = conn.run("python3 -c 'import platform; print(platform.python_version())'", timeout=30).stdout.strip()
+    return (conn.read_file(STAMP) or b"").decode().strip() != wheelhouse_digest(root, version)
+
+
+def _would_be_stale(conn: remote.Connection, changing: list[str]) -> list[str]:
+    """The processes a deploy changing `changing` on this host would restart (none before the first deploy)."""
+    args = " ".join(shlex.quote(p) for p in changing)
+    proc = conn.run(f"test -x {CLUSTER_SCRIPT} && {CLUSTER_SCRIPT} stale {args}", timeout=30, check=False)
+    return _actions(proc.stdout) if proc.exit_code == 0 else []
 
 
 def _file_diff(f: RenderedFile, current: bytes | None) -> str:

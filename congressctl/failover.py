@@ -2,15 +2,18 @@
 
 A workload pushes rows into a probe datasource through the VIP (each push makes exactly one new row appear;
 a policy turns each new row into one action that the DSD POSTs to a sink run here) and GETs through the VIP.
-Faults are ordinary commands over SSH (kill, ip link), so the same scenarios run on real hosts.
+Faults are ordinary commands over SSH (kill, ip link), so the same scenarios run on real hosts; the
+rolling-upgrade "fault" is `congressctl deploy` itself, of this tree under a new local version label.
 """
 
 from __future__ import annotations
 
 import contextlib
 import http.server
+import itertools
 import json
 import shlex
+import shutil
 import socket
 import threading
 import time
@@ -22,7 +25,7 @@ from pathlib import Path
 
 import httpx
 
-from congressctl import pacemaker, remote, status, timeline
+from congressctl import deploy, pacemaker, remote, status, timeline
 from congressctl.errors import CongressctlError, FailoverError, NoHostAnswered, RemoteError
 from congressctl.inventory import Inventory, Node
 from congressctl.payloads import ApiPeStatus, DsdView
@@ -44,6 +47,8 @@ DESCRIPTIONS = {
     "bus-kill": "kill -9 the promoted redis-server",
     "bus-failback": "cut the promoted Redis's host, then bring it back under load: it must rejoin as a replica, "
                     "take no write, lose nothing and not take the promotion back",
+    "rolling-upgrade": "deploy this tree as a new version (a new local label) under the workload, pushes through "
+                       "the VIP too: every congress process restarts, host by host; deploy it back unlabelled after",
 }
 BUS_SCENARIOS = ("bus-node-fail", "bus-kill", "bus-failback")
 # after the cut host of bus-failback is back: long enough for corosync to rejoin and its Redis to resync
@@ -602,6 +607,61 @@ class Fault:
     new_dsd: bool = False     # recovery counts only actions run by another DSD instance than before the fault
     killed: str | None = None  # the resource whose process was killed: Pacemaker detects it stopped or failed
     hold_until: float | None = None   # the workload goes on at least until then (a returning host under load)
+    wait_s: float | None = None   # how long to wait for recovery (default: Options.recovery_timeout_s)
+    upgrade: Upgrade | None = None
+
+
+class Upgrade:
+    """`congressctl deploy` of this tree as version 0.1.0+LABEL, in a thread while the workload runs; each step
+    of its rolling restart is an event. `finished_at` is set however it ended."""
+
+    DEPLOY_S = 900.0
+
+    def __init__(self, cluster: Cluster, rec: Recorder):
+        self.cluster, self.rec = cluster, rec
+        self.label = f"upgrade.{int(time.time())}"
+        self.result: deploy.DeployResult | None = None
+        self.error: str | None = None
+        self.finished_at: float | None = None
+        self.first_restart: float | None = None
+        self.thread = threading.Thread(target=self._run, name="upgrade", daemon=True)
+
+    def start(self) -> None:
+        self.rec.add("fault", f"congressctl deploy of 0.1.0+{self.label} started")
+        self.thread.start()
+
+    def _progress(self, host: str, step: str) -> None:
+        if step.startswith("restart"):
+            t = self.rec.add("restore", f"{host}: {step}")
+            self.first_restart = self.first_restart if self.first_restart is not None else t
+
+    def _run(self) -> None:
+        try:
+            self.result = deploy.deploy(self.cluster.inv, accept_new=self.cluster.options.accept_new,
+                                        local_version=self.label, progress=self._progress)
+        except CongressctlError as exc:
+            self.error = str(exc)
+        except Exception as exc:  # noqa: BLE001 - reported as the scenario's failure
+            self.error = repr(exc)
+        finally:
+            self.finished_at = self.rec.now()
+
+    def problems(self) -> list[str]:
+        if self.error or self.result is None:
+            return [f"the deploy failed: {self.error or 'it did not finish'}"]
+        return [f"the deploy failed: {p}" for p in self.result.problems + [
+            f"host {h.host}: {h.error}" for h in self.result.hosts.values() if h.error]]
+
+
+def host_versions(cluster: Cluster) -> dict[str, str]:
+    """Per host: the congressctl version installed, and which congress processes still run an older one."""
+    command = (f"{deploy.VENV}/bin/python -c 'import importlib.metadata as m; print(m.version(\"congressctl\"))'"
+               f" && {deploy.CLUSTER_SCRIPT} stale")
+    found = {}
+    for node in cluster.inv.nodes:
+        lines = cluster.ssh(node, command).split()
+        found[node.name] = lines[0] + (f" (stale: {', '.join(lines[1:])})" if lines[1:] else "")
+    return found
 
 
 def _node_limit(cluster: Cluster, slack_s: float) -> float:
@@ -724,22 +784,24 @@ def run_scenario(name: str, index: int, cluster: Cluster, *, probe: ProbeSetup, 
     result = ScenarioResult(name, DESCRIPTIONS[name])
     rec = Recorder()
     sink_start = time.monotonic()
-    target = target_of(name, cluster)
-    result.target = target.name
-    result.pushed_to = next(n for n in cluster.node_apis if n != target.name)
-    workload = Workload(cluster.api, cluster.node_apis[result.pushed_to], probe, (index + 1) * SCENARIO_SPAN,
-                        options, rec)
+    upgrade = name == "rolling-upgrade"
+    target = None if upgrade else target_of(name, cluster)
+    result.target = target.name if target else "every host"
+    # every host restarts in an upgrade, so none is left alone to push to: pushes go through the VIP as well
+    result.pushed_to = next(n for n in cluster.node_apis if n != target.name) if target else "the VIP"
+    push_api = cluster.node_apis[result.pushed_to] if target else cluster.api
+    workload = Workload(cluster.api, push_api, probe, (index + 1) * SCENARIO_SPAN, options, rec)
     watcher = Watcher(cluster.node_apis, rec)
     watcher.start()
     workload.start()
     try:
         time.sleep(options.warmup_s)
-        fault = inject(name, target, cluster, thresholds, rec)
+        fault = inject(name, target, cluster, thresholds, rec) if target else start_upgrade(cluster, rec)
         t_fault = rec.first("fault")
         assert t_fault is not None   # inject() recorded the fault
         scenario = ScenarioRun(cluster, workload, watcher, sink, sink_start, rec, fault, t_fault)
         recovered = _drive(scenario)
-        if name == "bus-failback":
+        if name == "bus-failback" and target is not None:
             result.bus_moved_back = target.name in cluster.promoted_bus()
     finally:
         workload.stop()
@@ -747,10 +809,41 @@ def run_scenario(name: str, index: int, cluster: Cluster, *, probe: ProbeSetup, 
     last = workload.finish(cluster.client, time.monotonic() + 30)
     _settle(result, cluster, probe, source=workload.window(last))
     result.acked_writes_lost = cluster.acked_writes_lost(probe.writes_policy, workload.writes)
+    if fault.upgrade:
+        result.failures += fault.upgrade.problems() + _not_upgraded(cluster, fault.upgrade)
     _figures(result, scenario, recovered=recovered, thresholds=thresholds)
     if report_dir:
         _write_report(report_dir, result, rec, timings_summary(timings_of(cluster, thresholds)))
+    if fault.upgrade:
+        _deploy_back(cluster, result, fault.upgrade)
     return result
+
+
+def start_upgrade(cluster: Cluster, rec: Recorder) -> Fault:
+    upgrade = Upgrade(cluster, rec)
+    upgrade.start()
+    return Fault("every host", "deployed", Upgrade.DEPLOY_S, wait_s=Upgrade.DEPLOY_S, upgrade=upgrade)
+
+
+def _not_upgraded(cluster: Cluster, upgrade: Upgrade) -> list[str]:
+    want = f"+{upgrade.label}"
+    return [f"host {host} runs {version}, not ...{want}" for host, version in host_versions(cluster).items()
+            if not version.endswith(want)]
+
+
+def _deploy_back(cluster: Cluster, result: ScenarioResult, upgrade: Upgrade) -> None:
+    """Put this tree's unlabelled package back (not measured), so that a plain deploy changes nothing again, and
+    drop the labelled wheelhouse (18 MB)."""
+    cluster.log("rolling-upgrade: deploying the package back without the label")
+    try:
+        back = deploy.deploy(cluster.inv, accept_new=cluster.options.accept_new)
+    except CongressctlError as exc:
+        result.failures.append(f"deploying the package back failed: {exc}")
+    else:
+        result.failures += [f"deploying the package back: {p}" for p in back.problems]
+    for folder in (cluster.inv.state_dir / "wheelhouse").glob(f"*+{upgrade.label}-py*"):
+        shutil.rmtree(folder, ignore_errors=True)
+    result.passed = not result.failures
 
 
 def _drive(scenario: ScenarioRun) -> float | None:
@@ -766,7 +859,7 @@ def _drive(scenario: ScenarioRun) -> float | None:
 def _drive_until_done(scenario: ScenarioRun, watch: _PacemakerWatch | None) -> float | None:
     fault, rec, t_fault = scenario.fault, scenario.rec, scenario.t_fault
     options = scenario.cluster.options
-    deadline = t_fault + options.recovery_timeout_s
+    deadline = t_fault + (fault.wait_s or options.recovery_timeout_s)
     recovered = None
     while True:
         now = rec.now()
@@ -841,6 +934,8 @@ class _PacemakerWatch:
 
 def _recovered_at(scenario: ScenarioRun) -> float | None:
     fault, rec, t_fault = scenario.fault, scenario.rec, scenario.t_fault
+    if fault.upgrade:
+        return fault.upgrade.finished_at   # done, however it ended: the judgement reads how
     if fault.recovery == "first-action":
         after_fault = {p.k for p in list(scenario.workload.pushes) if p.t > t_fault}
         received = scenario.sink.since(scenario.sink_start)
@@ -920,7 +1015,7 @@ def _figures(result: ScenarioResult, scenario: ScenarioRun, *, recovered: float 
             continue
         rec.add("action", f"k={k - base} id={body['action_id'][:12]}", ok=k not in seen, t=t - rec.t0)
         seen.add(k)
-    dsd_back = _new_dsd_at(received, rec, t_fault)
+    dsd_back = None if scenario.fault.upgrade else _new_dsd_at(received, rec, t_fault)
     if dsd_back is None and result.name in BUS_SCENARIOS:
         # the DSD was off the bus as long as the api-pes did not hear it (back at the fault: it never was)
         heard_again = back_at(sorted(scenario.watcher.dsd_heard), t_fault=t_fault, now=float("inf"))
@@ -929,6 +1024,10 @@ def _figures(result: ScenarioResult, scenario: ScenarioRun, *, recovered: float 
         # a push replaces the table: rows that came and went while no DSD ran, or while it was off the bus,
         # never reached one. Only changes after it is back count
         expected = {k for k in expected if first_push.get(k, 0.0) >= dsd_back}
+    if scenario.fault.upgrade:
+        # a planned DSD restart: only the rows pushed and replaced within its gap never reached a DSD
+        gaps = _dsd_gaps(received, rec)
+        expected = {k for k in expected if not any(_lived_within(first_push, k, gap) for gap in gaps)}
     result.pushed = len(workload.pushes)
     result.expected_actions = len(expected)
     result.executed = len(set(ks) & expected)
@@ -940,6 +1039,11 @@ def _figures(result: ScenarioResult, scenario: ScenarioRun, *, recovered: float 
     result.writes = len(workload.writes)
     result.failed_writes = sum(1 for w in workload.writes if not w.acked)
     result.write_outage_s = write_outage(workload.writes)
+    if scenario.fault.upgrade:   # its pushes go through the VIP too
+        result.requests += len(workload.pushes)
+        result.failed_requests += sum(1 for p in workload.pushes if p.outcome != "ok")
+    if scenario.fault.upgrade and scenario.fault.upgrade.first_restart is not None:
+        scenario.fault.detected_at = scenario.fault.upgrade.first_restart
     result.detect_s = _detected(result.name, scenario.watcher, scenario.fault.detected_at, t_fault)
     if result.detect_s is not None and scenario.fault.detected_at is None:
         rec.add("detected", f"DSD leader changed after {result.detect_s:.3f}s", t=t_fault + result.detect_s)
@@ -959,6 +1063,21 @@ def _recovered_in(scenario: ScenarioRun, seen: float | None) -> float | None:
     return back_at(history(), t_fault=scenario.t_fault, now=float("inf"))
 
 
+def _dsd_gaps(received: list[tuple[float, dict]], rec: Recorder) -> list[tuple[float, float]]:
+    """(last action of a DSD instance, first of the next one), for each change of executor at the sink."""
+    gaps = []
+    for (t0, a), (t1, b) in itertools.pairwise(received):
+        if a.get("executor") != b.get("executor"):
+            gaps.append((t0 - rec.t0, t1 - rec.t0))
+    return gaps
+
+
+def _lived_within(first_push: dict[int, float], k: int, gap: tuple[float, float]) -> bool:
+    """Row k was pushed after `gap` began and replaced (WINDOW pushes later) before it ended."""
+    gone = first_push.get(k + WINDOW)
+    return gap[0] <= first_push.get(k, -1.0) and gone is not None and gone <= gap[1]
+
+
 def _new_dsd_at(received: list[tuple[float, dict]], rec: Recorder, t_fault: float) -> float | None:
     """When the first action run by another DSD instance than before the fault arrived (None: same DSD)."""
     before = [b.get("executor") for t, b in received if t - rec.t0 < t_fault]
@@ -973,7 +1092,7 @@ def _detected(name: str, watcher: Watcher, detected_at: float | None, t_fault: f
 
     The DSD stamps its leader change with its own clock; that stamp is used when it falls between the fault
     and the moment it was seen (same clock in the lab, NTP on real hosts), else the observation time."""
-    if name in ("dsd-node-fail", "vip-node-fail", "api-node-fail", *BUS_SCENARIOS):
+    if name in ("dsd-node-fail", "vip-node-fail", "api-node-fail", "rolling-upgrade", *BUS_SCENARIOS):
         return None if detected_at is None else detected_at - t_fault
     for seen, _, stamped in watcher.leader_changes[1:]:
         if seen >= t_fault:
@@ -996,6 +1115,9 @@ def _judge(result: ScenarioResult, fault: Fault, thresholds: Thresholds) -> None
     elif result.name in BUS_SCENARIOS:
         limits = {"write_outage_s": fault.limit_s, "failed_requests": thresholds.max_failed_gets,
                   "lost": thresholds.max_lost, "duplicated": thresholds.max_duplicated}
+    elif result.name == "rolling-upgrade":
+        limits = {"failed_requests": thresholds.max_failed_gets, "lost": thresholds.max_lost,
+                  "duplicated": thresholds.max_duplicated}
     limits["acked_writes_lost"] = thresholds.max_acked_writes_lost
     if result.bus_moved_back:
         result.failures.append(f"the bus promotion moved back to {result.target} when it returned")

@@ -15,6 +15,7 @@ from congressctl import remote
 from congressctl.inventory import Inventory
 
 CRM_MON = "crm_mon -1 --output-as=xml"
+BAN_LIFETIME = "PT10M"
 
 
 @dataclass
@@ -71,10 +72,48 @@ def replace_configuration(conn: remote.Connection, cib: bytes) -> None:
              input=ET.tostring(configuration, encoding="unicode"))
 
 
-def restart_resource(conn: remote.Connection, resource: str) -> bool:
-    proc = conn.run(f"crm_resource --resource {shlex.quote(resource)} --restart --timeout=60s",
-                    timeout=90, check=False)
-    return proc.exit_code == 0
+def patch_configuration(conn: remote.Connection, old: str, new: str) -> bool:
+    """Apply to the live CIB what changed from the CIB file `old` to `new` (both on the host), touching nothing
+    else: not what Pacemaker keeps there itself, nor bans. True once the live configuration holds `new`
+    (`live_lacks` finds nothing); False when it could not (no `old`, a refused patch): then replace it."""
+    diff = conn.run(f"test -f {shlex.quote(old)} && crm_diff --no-version -o {shlex.quote(old)} -n {shlex.quote(new)}",
+                    timeout=30, check=False)
+    if diff.exit_code not in (0, 1):
+        return False
+    if diff.exit_code == 1:
+        patch = ET.fromstring(diff.stdout)
+        # the digest is that of `new` itself; the live CIB also holds what Pacemaker added, so it never matches
+        patch.attrib.pop("digest", None)
+        applied = conn.run("cibadmin --patch --xml-pipe", timeout=60, input=ET.tostring(patch, encoding="unicode"),
+                           check=False)
+        if applied.exit_code != 0:
+            return False
+    compare = f'crm_diff --no-version -o "$t" -n {shlex.quote(new)}'
+    live = conn.run(f't=$(mktemp) && cibadmin --query > "$t" && {compare}; rc=$?; rm -f "$t"; exit $rc', timeout=30,
+                    check=False)
+    if live.exit_code == 0:
+        return True
+    old_cib = conn.run(f"cat {shlex.quote(old)}", timeout=30).stdout
+    return live.exit_code == 1 and not live_lacks(live.stdout, old_cib)
+
+
+def ban(conn: remote.Connection, resource: str, node: str, lifetime: str = BAN_LIFETIME) -> None:
+    """Keep `resource` off `node` (for a clone: stop its instance there) until `clear`, or until `lifetime`
+    (ISO 8601) has passed, so that a deploy killed in between leaves nothing banned for long."""
+    conn.run(f"crm_resource --resource {shlex.quote(resource)} --ban --node {shlex.quote(node)} "
+             f"--lifetime {shlex.quote(lifetime)} --quiet", timeout=30)
+
+
+def clear(conn: remote.Connection, resource: str, node: str | None = None) -> None:
+    """Remove the bans (and moves) crm_resource made for `resource`: on `node`, or everywhere."""
+    where = f" --node {shlex.quote(node)}" if node else ""
+    conn.run(f"crm_resource --resource {shlex.quote(resource)} --clear{where} --quiet", timeout=30)
+
+
+def bans(conn: remote.Connection) -> list[tuple[str, str]]:
+    """(resource, node) of every location constraint crm_resource --ban or --move left in the CIB."""
+    out = conn.run("cibadmin --query --scope constraints", timeout=20, check=False).stdout
+    return parse_bans(out) if out.strip() else []
 
 
 def cleanup(conn: remote.Connection) -> None:
@@ -110,6 +149,40 @@ def parse_crm_mon(xml_text: str) -> Placement:
         for rid in table:
             table[rid] = sorted(table[rid])
     return placement
+
+
+def parse_bans(xml_text: str) -> list[tuple[str, str]]:
+    """(resource, node) of the cli-ban-*/cli-prefer-* location constraints in a CIB's constraints section (one
+    made with a lifetime names its node in a rule)."""
+    found = []
+    for c in ET.fromstring(xml_text).iter("rsc_location"):
+        if not c.get("id", "").startswith(("cli-ban-", "cli-prefer-")):
+            continue
+        named = [e.get("value", "") for e in c.iter("expression") if e.get("attribute") == "#uname"]
+        found.append((c.get("rsc", ""), c.get("node") or (named[0] if named else "")))
+    return found
+
+
+def live_lacks(diff_xml: str, old_cib: str) -> list[str]:
+    """What the live configuration lacks of ours, from `crm_diff` live -> our new CIB (format 2): anything it
+    would create, change or move under /cib/configuration (but a comment), and anything it would delete that
+    our previous CIB `old_cib` had (we dropped it; live kept it). Deleting the rest is fine: bans, what
+    Pacemaker keeps itself. Empty when the live configuration holds ours."""
+    root = ET.fromstring(diff_xml)
+    if root.get("format") != "2":
+        return ["crm_diff did not answer in format 2"]
+    old = ET.fromstring(old_cib)
+    lacking = []
+    for change in root.findall("change"):
+        path, operation = change.get("path", ""), change.get("operation")
+        if not path.startswith("/cib/configuration"):
+            continue
+        if operation == "create" and not len(change):
+            continue   # a comment (ElementTree drops them)
+        if operation == "delete" and old.find("." + path[len("/cib"):]) is None:
+            continue
+        lacking.append(f"{operation} {path}")
+    return lacking
 
 
 def read_host_view(xml_text: str, exit_code: int) -> HostView | None:

@@ -9,8 +9,6 @@ at most its connect timeout and never holds up the others.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import re
 import secrets
@@ -22,12 +20,13 @@ from typing import Any
 
 import httpx
 
-from congressctl import pacemaker, remote
+from congressctl import haproxy, pacemaker, remote
 from congressctl.errors import RemoteError, StatusError
+from congressctl.haproxy import SOCKET as HAPROXY_SOCKET
+from congressctl.haproxy import Backend, parse_stat
 from congressctl.inventory import Inventory, Node
 from congressctl.payloads import ApiPeStatus, PeerView
 
-HAPROXY_SOCKET = "/run/haproxy/admin.sock"
 BUS_PASSWORD_FILE = "/etc/congressctl/bus.password"
 # redis.conf's min-replicas-max-lag: a replica acknowledging less often is not in sync
 REPLICA_MAX_LAG_S = 2
@@ -37,21 +36,6 @@ MAX_WORKERS = 16
 HEALTH_EXIT = {"healthy": 0, "degraded": 1, "unavailable": 2}
 # A probe's exit status when the HAProxy stats socket is absent: HAProxy does not run on that host.
 _NO_SOCKET = 100
-
-
-@dataclass
-class Backend:
-    """One HAProxy server line of `show stat` (status as HAProxy says it: UP, DOWN, "UP 1/2", MAINT, ...)."""
-
-    proxy: str
-    server: str
-    status: str
-    check: str
-    address: str
-
-    @property
-    def up(self) -> bool:
-        return self.status.startswith("UP")
 
 
 @dataclass
@@ -281,11 +265,9 @@ def probe_command(token: str, api_url: str | None, budget: float, *, bus: str | 
     stderr between lines `@@TOKEN NAME rc=N` and `@@TOKEN NAME stderr`."""
     probes = {
         "crm_mon": f"timeout {budget:g} {pacemaker.CRM_MON}",
-        # UNIX-CONNECT: a bare path would make socat create a regular file where the socket is missing.
         # a socket left by an HAProxy that moved away refuses connections: only ask a running one
         "haproxy": (f"test -S {HAPROXY_SOCKET} && pgrep -x haproxy >/dev/null || exit {_NO_SOCKET}; "
-                    "echo 'show stat' | "
-                    f"timeout {budget:g} socat -t {budget:g} stdio UNIX-CONNECT:{HAPROXY_SOCKET}"),
+                    + haproxy.socket_command("show stat", budget)),
     }
     if api_url:
         probes["api"] = f"curl -sS -m {min(API_TIMEOUT_S, budget):g} {shlex.quote(api_url)}"
@@ -347,18 +329,7 @@ def _read_haproxy(host: HostStatus, probe: HostProbe | None) -> None:
         host.haproxy_error = _last_line(probe.err) or f"socat exited {probe.rc}"
         return
     host.haproxy = True
-    host.backends = parse_haproxy_stat(probe.out)
-
-
-def parse_haproxy_stat(text: str) -> list[Backend]:
-    """Server lines of HAProxy's `show stat` CSV (its header line starts with '# ')."""
-    lines = text.strip().splitlines()
-    if not lines or not lines[0].startswith("# "):
-        return []
-    rows = csv.DictReader(io.StringIO("\n".join([lines[0][2:], *lines[1:]])))
-    return [Backend(proxy=r["pxname"], server=r["svname"], status=r["status"], check=r.get("check_status") or "",
-                    address=r.get("addr") or "")
-            for r in rows if r.get("svname") not in (None, "FRONTEND", "BACKEND")]
+    host.backends = parse_stat(probe.out)
 
 
 def _read_api(sample: HostSample, probe: HostProbe | None) -> None:

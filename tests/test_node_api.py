@@ -5,12 +5,14 @@ from __future__ import annotations
 import http.client
 import json
 import signal
+import socket
 import threading
 import time
 import urllib.parse
 
 import pytest
 
+from congressctl.node.api_pe import DRAIN_S, IN_FLIGHT_S
 from fixtures_redis import wait_for
 
 
@@ -163,6 +165,56 @@ def test_sigterm_stops_cleanly_and_unhealthy_without_bus(node_cluster):
     lines = [l for l in (node_cluster.dir / "logs" / "n1" / "api-pe.log").read_text().splitlines() if l.strip()]
     assert lines and all(" n1 api-pe " in l for l in lines if l[:4].isdigit())
     assert node_cluster.redis.password not in (node_cluster.dir / "logs" / "n1" / "api-pe.log").read_text()
+
+
+def _slow_post(port: int, path: str, body: bytes, sent: int) -> socket.socket:
+    """A request in flight: its head and the first `sent` bytes of its body written, the rest held back."""
+    conn = socket.create_connection(("127.0.0.1", port), timeout=10)
+    head = (f"POST {path} HTTP/1.1\r\nHost: api\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    conn.sendall(head + body[:sent])
+    return conn
+
+
+def _status_line(conn: socket.socket) -> str:
+    return conn.makefile("rb").readline().decode().strip()
+
+
+def test_sigterm_drains_healthz_503_at_once_and_a_request_in_flight_completes(node_cluster):
+    """HAProxy sees 503 from /healthz at once (and stops sending) while the node still serves; after the
+    drain no new connection is taken, the slow request still finishes, then the process exits 0."""
+    a = node_cluster.add("api-pe", "n1")
+    body = json.dumps({"name": "slowpolicy"}).encode()
+    conn = _slow_post(a.api_port, "/v1/policies", body, 5)
+    time.sleep(0.2)
+    sent = time.monotonic()
+    a.signal(signal.SIGTERM)
+    wait_for(lambda: a.get("/healthz", timeout=1)[0] == 503, 1.0, what="/healthz 503 after SIGTERM")
+    assert time.monotonic() - sent < 0.5
+    assert a.get("/healthz")[1]["reason"].startswith("stopping")
+    assert a.get("/v1/policies", timeout=2)[0] == 200, "still serving while draining"
+    time.sleep(max(0.0, sent + DRAIN_S + 0.5 - time.monotonic()))
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", a.api_port), timeout=1).close()
+    assert a.alive(), "the node left before its request in flight was answered"
+    conn.sendall(body[5:])
+    assert _status_line(conn) == "HTTP/1.1 201 Created"
+    conn.close()
+    assert a.proc.wait(timeout=5) == 0, a.log_text()[-2000:]
+    assert time.monotonic() - sent < DRAIN_S + IN_FLIGHT_S
+    assert "slowpolicy" in node_cluster.redis.client().hgetall("congress:t:policy-names")
+
+
+def test_a_request_in_flight_that_never_ends_is_cut_after_the_bound(node_cluster):
+    a = node_cluster.add("api-pe", "n1")
+    conn = _slow_post(a.api_port, "/v1/policies", b'{"name": "never"}', 3)
+    time.sleep(0.2)
+    sent = time.monotonic()
+    a.signal(signal.SIGTERM)
+    assert a.proc.wait(timeout=DRAIN_S + IN_FLIGHT_S + 5) == 0, a.log_text()[-2000:]
+    took = time.monotonic() - sent
+    assert DRAIN_S + IN_FLIGHT_S - 0.5 < took < DRAIN_S + IN_FLIGHT_S + 3, took
+    conn.close()
 
 
 def test_a_node_that_never_synced_answers_503_not_an_empty_mirror(node_cluster):

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import http.client
+import http.server
 import os
 import subprocess
+import threading
+import urllib.request
 from pathlib import Path
 
 import pytest
 
-from conftest import require, require_tool
+from conftest import free_port, require, require_tool
 from fixtures_redis import REPO, congressctl_command
 
 AGENTS = REPO / "templates" / "ocf"
@@ -95,3 +99,111 @@ def test_bus_agent_is_promotable_and_describes_its_parameters():
         assert f'<parameter name="{name}"' in out.stdout
     for action in ("promote", "demote", "notify"):
         assert f'<action name="{action}"' in out.stdout
+
+
+# The options of templates/haproxy.cfg.j2 that a reload depends on, on addresses a test can bind.
+HAPROXY_CFG = """global
+    stats socket {socket} mode 600 level admin
+    hard-stop-after 30s
+defaults
+    mode http
+    timeout connect 1s
+    timeout client 30s
+    timeout server 30s
+    option idle-close-on-response
+frontend api
+    bind 127.0.0.1:{port}
+    default_backend nodes
+backend nodes
+    server s1 127.0.0.1:{backend}
+"""
+
+
+class _Answer(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "3")
+        self.end_headers()
+        self.wfile.write(b"ok\n")
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def haproxy_agent(tmp_path):
+    require(os.geteuid() == 0, "ocf-tester needs root")
+    require(Path("/usr/lib/ocf/lib/heartbeat/ocf-shellfuncs").exists(), "resource-agents is not installed")
+    require_tool("haproxy")
+    require_tool("socat")
+    backend = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Answer)
+    threading.Thread(target=backend.serve_forever, daemon=True).start()
+    port = free_port()
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(HAPROXY_CFG.format(socket=tmp_path / "admin.sock", port=port, backend=backend.server_port))
+    params = {"config": str(config), "pidfile": str(tmp_path / "haproxy.pid"), "socket": str(tmp_path / "admin.sock"),
+              "logfile": str(tmp_path / "haproxy.log")}
+    yield params, port
+    agent("congress-haproxy", "stop", params)
+    backend.shutdown()
+
+
+def agent(name: str, action: str, params: dict[str, str]) -> int:
+    env = {**os.environ, "OCF_ROOT": "/usr/lib/ocf", **{f"OCF_RESKEY_{k}": v for k, v in params.items()}}
+    return subprocess.run([str(AGENTS / name), action], env=env, capture_output=True, timeout=60).returncode
+
+
+@pytest.mark.slow
+def test_ocf_tester_passes_on_the_haproxy_agent(haproxy_agent):
+    params, _ = haproxy_agent
+    result = run_ocf_tester("congress-haproxy", params)
+    assert result.returncode == 0 and "passed all tests" in result.stdout + result.stderr, result.stdout + result.stderr
+
+
+def test_haproxy_reload_keeps_a_kept_alive_connection_and_refuses_no_new_one(haproxy_agent):
+    """The master-worker reload: a client's kept-alive connection answers its next request (with
+    `Connection: close`, then the client reconnects), and connections opened meanwhile all succeed."""
+    params, port = haproxy_agent
+    assert agent("congress-haproxy", "start", params) == 0
+    kept = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    kept.request("GET", "/")
+    first = kept.getresponse()
+    assert first.status == 200 and first.read() == b"ok\n" and first.getheader("connection") is None
+    errors: list[str] = []
+    answered: list[int] = []
+    stop = threading.Event()
+
+    def fresh() -> None:
+        while not stop.is_set():
+            try:
+                answered.append(urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).status)
+            except OSError as exc:
+                errors.append(repr(exc))
+    clients = [threading.Thread(target=fresh) for _ in range(3)]
+    for t in clients:
+        t.start()
+    try:
+        for _ in range(3):
+            assert agent("congress-haproxy", "reload", params) == 0
+        assert agent("congress-haproxy", "monitor", params) == 0
+    finally:
+        stop.set()
+        for t in clients:
+            t.join(10)
+    kept.request("GET", "/")
+    after = kept.getresponse()
+    assert after.status == 200 and after.read() == b"ok\n"
+    assert after.getheader("connection") == "close"
+    assert errors == [] and len(answered) > 30
+
+
+def test_haproxy_reload_refuses_a_bad_config_and_keeps_serving(haproxy_agent, tmp_path):
+    params, port = haproxy_agent
+    assert agent("congress-haproxy", "start", params) == 0
+    good = Path(params["config"]).read_text()
+    Path(params["config"]).write_text(good + "bogus line\n")
+    assert agent("congress-haproxy", "reload", params) == 6   # OCF_ERR_CONFIGURED
+    assert urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).status == 200
+    Path(params["config"]).write_text(good)

@@ -4,6 +4,10 @@ Writes go to the store first (atomic Lua scripts that also publish the change no
 engine so a client reads its own writes; every other PE applies the notice at once. Reads are served from
 the local mirror and engine. `/healthz` is 200 only when the bus is connected and the PE has finished its
 sync since the last (re)connect.
+
+Stopping (SIGTERM) drains first: `/healthz` answers 503 at once while every other request is still served,
+for DRAIN_S, long enough for HAProxy to mark the node down and send it nothing more; then the listener closes
+and the requests in flight get up to IN_FLIGHT_S to finish. The bus stays up until the last one is answered.
 """
 
 from __future__ import annotations
@@ -60,6 +64,10 @@ V1_UPDATED = "2013-08-12T17:42:13Z"
 # Congress has no per-tenant policies: its engine creates every policy with owner "user", and
 # python-congressclient's `congress policy list` shows the column.
 POLICY_OWNER = "user"
+# HAProxy (templates/haproxy.cfg.j2) marks a server down after `fall 2` failed checks, the first within
+# `inter 500ms`, the second `fastinter 250ms` later: 1.5 s covers that with room for a slow check.
+DRAIN_S = 1.5
+IN_FLIGHT_S = 5.0
 
 
 class ApiError(Exception):
@@ -559,6 +567,8 @@ class ApiPeNode(BusWorker):
         self.app = PushFastPath(Starlette(routes=routes), push)
         self.server: _Server | None = None
         self.sock: socket.socket | None = None
+        self.http: asyncio.Task | None = None
+        self.draining = False
 
     async def startup(self) -> None:
         family = socket.AF_INET6 if ":" in self.cfg.api.bind else socket.AF_INET
@@ -577,7 +587,7 @@ class ApiPeNode(BusWorker):
         # proxy_headers off: nothing here reads the client's address, and the middleware costs every request.
         # uvicorn annotates timeout_graceful_shutdown as int, but it is an asyncio.wait_for timeout: 0.5 works
         config = uvicorn.Config(self.app, http=_Http, log_config=None, access_log=False, lifespan="off",
-                                proxy_headers=False, timeout_graceful_shutdown=0.5,  # type: ignore[arg-type]
+                                proxy_headers=False, timeout_graceful_shutdown=IN_FLIGHT_S,  # type: ignore[arg-type]
                                 timeout_keep_alive=5)
         self.server = _Server(config)
         log.info("api-pe %s starting, incarnation %s, API on %s:%d", self.cfg.node_id, self.incarnation,
@@ -585,11 +595,29 @@ class ApiPeNode(BusWorker):
 
     def start_tasks(self) -> None:
         assert self.server is not None and self.sock is not None
-        self.tasks.spawn(self.server.serve(sockets=[self.sock]), "http", critical=True)
+        self.http = self.tasks.spawn(self.serve_http(), "http", critical=True)
         self.tasks.spawn(self.bus.run(), "bus-reader", critical=True)
         self.tasks.spawn(self.bus.heartbeat_loop(), "heartbeat", critical=True)
         self.tasks.spawn(self.pe.send_actions(self.bus), "action-sender", critical=True)
         self.tasks.spawn(self.full_sync_loop(), "full-sync", critical=True)
+
+    async def serve_http(self) -> None:
+        assert self.server is not None and self.sock is not None
+        try:
+            await self.server.serve(sockets=[self.sock])
+        finally:
+            self.bus.stop()   # only now: a request in flight may still wait for a notice
+
+    async def drain(self) -> None:
+        self.draining = True
+        log.info("draining: /healthz answers 503 for %.1f s, then requests in flight get %.1f s", DRAIN_S,
+                 IN_FLIGHT_S)
+        await asyncio.sleep(DRAIN_S)
+        if self.server is None or self.http is None:
+            return
+        self.server.should_exit = True
+        # uvicorn itself cancels what is still running after IN_FLIGHT_S
+        await asyncio.wait({self.http}, timeout=IN_FLIGHT_S + 1.0)
 
     def stop_taking_work(self) -> None:
         if self.server is not None:
@@ -621,7 +649,9 @@ class ApiPeNode(BusWorker):
     async def full_sync_loop(self) -> None:
         while not self.bus.stopping:
             await self.bus.wait_stop(self.cfg.timings.full_sync_interval_s)
-            if self.bus.connected and self.synced:
+            # not once stopping: the bus reader is gone, so the sync would find the tables behind and derive
+            # their new rows' actions again under the snapshot's (epoch, seq), other ids than the other PEs'
+            if self.bus.connected and self.synced and not self.bus.stopping:
                 try:
                     await self.pe.full_sync()
                 except BusError as exc:
@@ -636,6 +666,8 @@ class ApiPeNode(BusWorker):
         """Why HAProxy should not send here (None: it may). A node with a copy stays in the pool while the bus
         is out of reach for less than BUS_OUTAGE_GRACE_S: a bus failover takes seconds, and meanwhile reads
         answer from the copy (writes answer 503). Longer, the node leaves the pool: its bus is gone."""
+        if self.draining:
+            return "stopping: finishing the requests in flight"
         age = self.bus_age()
         if age is not None and (not self.has_copy or age > BUS_OUTAGE_GRACE_S):
             return f"control bus not connected for {age:.1f}s ({self.bus.last_error or 'connecting'})"

@@ -1,7 +1,8 @@
 """Worker plumbing shared by both node roles: logging, tracked tasks, SIGTERM handling.
 
 The worker shape is arq-like: `startup()`, the long-lived tasks, `shutdown()`. SIGTERM (or SIGINT) means:
-stop taking work, give running work a moment, cancel what is left; the process is gone within 2 s.
+drain (a node with clients tells them to go elsewhere and answers what is in flight, bounded), stop taking
+work, give running work a moment, cancel what is left; the process is gone within 2 s of the drain's end.
 Every task is tracked and its result read, so an exception never vanishes: a failing long-lived task is
 logged and stops the worker with a non-zero exit code (Pacemaker then restarts it).
 
@@ -127,6 +128,9 @@ class Worker:
     async def startup(self) -> None:
         """Open connections and bind sockets; raise to abort the start."""
 
+    async def drain(self) -> None:
+        """On a signal, before `stop_taking_work`: the node still works while its clients move away."""
+
     def start_tasks(self) -> None:
         """Spawn the long-lived tasks (critical=True: their end stops the worker)."""
 
@@ -156,6 +160,8 @@ class Worker:
         for t in (stop, failed):
             t.cancel()
         log.info("stopping (%s)", "signal" if code == 0 else "a task failed")
+        if code == 0:
+            await self.drain()
         self.stop_taking_work()
         await self.tasks.wait(GRACE_S)
         await self.tasks.cancel_all()
