@@ -176,6 +176,7 @@ class Store:
         self.ch = channels
         self.origin = origin   # written into change notices, so a node can skip its own
         self.sync_replicas = sync_replicas
+        self._loaded: set[str] = set()    # scripts this store loaded (a new master after a failover may lack them)
         k = channels.key
         self.k_policy_names = k("policy-names")
         self.k_policies = k("policies")
@@ -214,6 +215,11 @@ class Store:
         """Run a write script; with sync_replicas, acknowledged only once that many replicas have it."""
         if not self.sync_replicas:
             return await self._call(script(keys=keys, args=args))
+        if script.sha not in self._loaded:
+            # loaded once ahead: a NOSCRIPT answer would cost the WAIT sent with it (its whole timeout, when
+            # replicas are missing)
+            await self._call(self.redis.script_load(script.script))
+            self._loaded.add(script.sha)
         return await self._call(self._replicated("EVALSHA", script.sha, len(keys), *keys, *args, script=script))
 
     async def _replicated(self, *command_args: Any, script: AsyncScript | None = None) -> Any:
