@@ -163,13 +163,15 @@ def test_action_requested_while_no_dsd_runs_is_executed_once_by_the_next(node_cl
     assert sorted((r["action"], tuple(r["args"])) for r in sink.received) == [("hello", (1,)), ("hello2", (1,))]
     assert a.get("/v1/status")[1]["actions"]["resent"] >= 1
     # resent requests run whoever the new DSD's leader is: a leader that has nothing to resend cannot hold
-    # back the other PE's
+    # back the other PE's. (The originals went out too, once a subscriber heard them: a PE keeps requests no one
+    # hears, and this test's own subscriber counts.)
     resent = []
     while (msg := bus.get_message(timeout=0.2)) is not None:
         if msg["type"] == "message":
             resent += json.loads(msg["data"])["reqs"]
     bus.close()
-    assert resent and all(r.get("direct") for r in resent), resent
+    assert resent and all(r.get("direct") for r in resent if "direct" in r), resent
+    assert any(r.get("direct") for r in resent), resent
 
 
 def test_push_notice_older_than_the_table_is_skipped(node_cluster):
