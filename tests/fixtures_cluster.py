@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 from congressctl.inventory import Inventory, load_inventory
 
@@ -20,6 +21,19 @@ class LabCluster:
     inventory_path: Path
     inv: Inventory
     first_deploy: dict
+
+
+def retimed_inventory(cluster: LabCluster, folder: Path, **timings: object) -> Path:
+    """The lab's inventory with other timings (so every congress.yaml changes), written to FOLDER under the
+    lab's file name (the name is in every rendered file's first line), its paths made absolute."""
+    data = yaml.safe_load(cluster.inventory_path.read_text())
+    data.setdefault("timings", {}).update(timings)
+    for key in ("key", "known_hosts"):
+        data["ssh"][key] = str((cluster.inventory_path.parent / data["ssh"][key]).resolve())
+    data["state_dir"] = str((cluster.inventory_path.parent / data.get("state_dir", ".congressctl-state")).resolve())
+    path = folder / "inventory.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
 
 
 def congressctl(*args: str, timeout: float = 600, check: bool = False) -> subprocess.CompletedProcess:

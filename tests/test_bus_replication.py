@@ -21,6 +21,7 @@ from conftest import free_port
 from congressctl.bus import Channels
 from congressctl.errors import NotReplicatedError
 from congressctl.node.store import REPLICA_WAIT_MS, Store
+from congressctl.status import HostProbe
 from fixtures_redis import NodeCluster, RedisServer, http_json, wait_for
 
 pytestmark = pytest.mark.slow
@@ -186,8 +187,7 @@ def test_a_stored_policy_the_engine_refuses_does_not_stop_a_resyncing_node(node_
     assert node.get("/healthz")[0] == 200
 
 
-def _info_probe(server: RedisServer) -> "HostProbe":
-    from congressctl.status import HostProbe
+def _info_probe(server: RedisServer) -> HostProbe:
     proc = subprocess.run(["redis-cli", "--no-auth-warning", "-h", server.host, "-p", str(server.port), "INFO",
                            "replication"], capture_output=True, text=True, timeout=10,
                           env={**os.environ, "REDISCLI_AUTH": server.password})

@@ -18,7 +18,7 @@ from congressctl import lab as labmod
 from congressctl import pacemaker
 from congressctl.inventory import load_inventory
 from congressctl.render import render_all
-from fixtures_cluster import CLI, congressctl
+from fixtures_cluster import CLI, congressctl, retimed_inventory
 
 pytestmark = pytest.mark.lab
 
@@ -90,14 +90,7 @@ def test_second_deploy_changes_nothing_and_restarts_nothing(cluster) -> None:
 
 
 def _changed_inventory(cluster, tmp_path: Path) -> Path:
-    data = yaml.safe_load(cluster.inventory_path.read_text())
-    data.setdefault("timings", {})["full_sync_interval_s"] = 31
-    for key in ("key", "known_hosts"):
-        data["ssh"][key] = str((cluster.inventory_path.parent / data["ssh"][key]).resolve())
-    data["state_dir"] = str((cluster.inventory_path.parent / data.get("state_dir", ".congressctl-state")).resolve())
-    path = tmp_path / "inventory.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+    return retimed_inventory(cluster, tmp_path, full_sync_interval_s=31)
 
 
 def test_dry_run_shows_the_diff_and_touches_nothing(cluster, tmp_path: Path) -> None:

@@ -11,11 +11,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
 from congressctl import haproxy, pacemaker, rolling
 from congressctl import lab as labmod
-from fixtures_cluster import congressctl
+from fixtures_cluster import congressctl, retimed_inventory
 
 BANS = """<constraints>
   <rsc_location id="dsd-prefers-n1" rsc="dsd" node="n1" score="10"/>
@@ -114,17 +113,6 @@ def _vip_host(cluster) -> str:
     return placement.on("haproxy")[0]
 
 
-def _changed_inventory(cluster, tmp_path: Path, **timings: object) -> Path:
-    """The lab's inventory with other timings (every congress.yaml changes), under the same file name (the name
-    is in every rendered file's first line)."""
-    data = yaml.safe_load(cluster.inventory_path.read_text())
-    data.setdefault("timings", {}).update(timings)
-    for key in ("key", "known_hosts"):
-        data["ssh"][key] = str((cluster.inventory_path.parent / data["ssh"][key]).resolve())
-    data["state_dir"] = str((cluster.inventory_path.parent / data.get("state_dir", ".congressctl-state")).resolve())
-    path = tmp_path / "inventory.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
 
 
 def _deploy(inventory: Path, *args: str) -> tuple[int, dict]:
@@ -187,7 +175,7 @@ class Watch:
 @pytest.mark.lab
 @pytest.mark.slow
 def test_a_changed_config_restarts_one_host_at_a_time_and_no_request_fails(cluster, tmp_path: Path) -> None:
-    changed = _changed_inventory(cluster, tmp_path, full_sync_interval_s=31)
+    changed = retimed_inventory(cluster, tmp_path, full_sync_interval_s=31)
     with Watch(cluster) as watch:
         rc, result = _deploy(changed)
     assert rc == 0, result
@@ -215,7 +203,7 @@ def test_a_host_that_never_comes_back_stops_the_roll_and_the_next_deploy_goes_on
     """The second host of the roll cannot reach the bus any more with a new connection (its running processes
     keep theirs): its new api-pe never gets healthy. The roll stops there, naming it; the host after it keeps its
     old process and serves; once the host can reach the bus again, the next deploy restarts what is left."""
-    changed = _changed_inventory(cluster, tmp_path, full_sync_interval_s=32)
+    changed = retimed_inventory(cluster, tmp_path, full_sync_interval_s=32)
     plan = congressctl("deploy", "-i", str(changed), "--dry-run", check=True).stdout
     order = [line.split(" on ")[1] for line in plan.splitlines() if ". restart api-pe on " in line]
     assert len(order) == 3, plan
