@@ -121,6 +121,11 @@ class Leadership:
         self.buffers.setdefault(req.pe, OrderedDict())[req.id] = req
         return run
 
+    def forgive(self, now: float) -> None:
+        """Count every known PE as heard now: this DSD could not hear them (it was off the bus)."""
+        for pe in self.last_heard:
+            self.last_heard[pe] = now
+
     def tick(self, now: float) -> list[Request]:
         """Expire old buffered requests and forgotten peers; replace a leader silent for peer_timeout."""
         for buf in self.buffers.values():
@@ -272,7 +277,14 @@ class DsdNode(BusWorker):
     async def leader_loop(self) -> None:
         interval = min(self.cfg.timings.heartbeat_s, 0.1)
         while not self.bus.stopping:
-            self._run(self.leadership.tick(time.monotonic()))
+            now = time.monotonic()
+            # hearing nothing, not even its own heartbeat, the DSD is the one off the bus: the PEs' silence says
+            # nothing about them, so the leader stays (a new one chosen over a bus outage would replay its buffer
+            # beside the old leader's requests derived again after its resync: the same actions under other ids)
+            if self.bus.connected and now - self.bus.last_message <= 2 * self.cfg.timings.heartbeat_s:
+                self._run(self.leadership.tick(now))
+            else:
+                self.leadership.forgive(now)
             if self.stale:
                 raise StaleEpoch(f"epoch {self.epoch} was superseded by a newer DSD")
             await asyncio.sleep(interval)
