@@ -92,7 +92,7 @@ def test_every_scenario_keeps_its_promises(run):
     assert proc.returncode == (0 if summary["passed"] else 1)
     for s in summary["scenarios"]:
         broken = _broken_promises(s)
-        assert not broken, f"{s['name']}: {broken}\n{proc.stderr[-3000:]}"
+        assert not broken, f"{s['name']}: {broken}\n{ {k: v for k, v in s.items() if k != 'limits'} }\n{proc.stderr[-3000:]}"
         assert s["tables_equal"] and s["recover_s"] is not None and s["detect_s"] is not None, s
         assert s["lost"] == 0, s
     by_name = {s["name"]: s for s in summary["scenarios"]}
@@ -101,7 +101,9 @@ def test_every_scenario_keeps_its_promises(run):
     for s in summary["scenarios"]:
         assert s["writes"] > 0 and s["acked_writes_lost"] == 0, s
     for name in failover.BUS_SCENARIOS:
-        assert by_name[name]["duplicated"] == 0 and by_name[name]["failed_requests"] == 0, by_name[name]
+        # a bus host that also ran the DSD takes the DSD's at-least-once window with it (as dsd-node-fail)
+        assert by_name[name]["duplicated"] == 0 or by_name[name]["dsd_replaced"], by_name[name]
+        assert by_name[name]["failed_requests"] == 0, by_name[name]
     assert by_name["bus-failback"]["bus_moved_back"] is False
     assert summary["timings"]["corosync_token_in_force_ms"] >= summary["timings"]["corosync_token_ms"]
 
