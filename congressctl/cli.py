@@ -164,7 +164,9 @@ def render_cmd(inventory_path: Path, out_dir: Path, output: str) -> None:
 @click.argument("role", type=click.Choice(SERVED_ROLES))
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
               help="The node config that `congressctl render` wrote (congress.yaml).")
-def serve(role: str, config_path: str) -> None:
+@click.option("--live-file", "live_file", type=click.Path(dir_okay=False), default=None,
+              help="dsd: rewrite this liveness file at every heartbeat (its OCF agent's monitor reads it).")
+def serve(role: str, config_path: str, live_file: str | None) -> None:
     """Run one congress node in the foreground: the REST API + policy engine, or the datasource drivers.
 
     Pacemaker starts these through the OCF agents; SIGTERM stops them cleanly.
@@ -176,7 +178,7 @@ def serve(role: str, config_path: str) -> None:
     """
     from congressctl import node
 
-    sys.exit(node.serve(role, config_path))
+    sys.exit(node.serve(role, config_path, live_file))
 
 
 class HostProgress:
@@ -253,6 +255,9 @@ def deploy_cmd(inventory_path: Path, dry_run: bool, accept_new: bool, wait_timeo
                "restarted": r.restarted, "error": r.error} for r in result.hosts.values()], output,
              title=f"deploy ({result.duration_s:.1f}s)")
     _deploy_summary(result)
+    if result.ok and not dry_run:
+        from congressctl import auth
+        err.print(f"API admin token: {auth.admin_token_path(inv.state_dir)} (send it as X-Auth-Token)", highlight=False)
     if not result.ok:
         sys.exit(1)
 
@@ -267,6 +272,8 @@ def _deploy_summary(result: DeployResult) -> None:
     elif result.ok:
         loaded = "CIB loaded; " if result.cib_loaded else ""
         err.print(f"[green]deployed[/]: {loaded}every resource is running where it should")
+    if result.ok and result.ca_file:
+        err.print(f"clients: --os-cacert {result.ca_file}", highlight=False)
 
 
 @main.command(name="status")
@@ -274,7 +281,9 @@ def _deploy_summary(result: DeployResult) -> None:
 @click.option("--watch", type=click.FloatRange(min=0.5), is_flag=False, flag_value=2.0, default=None,
               metavar="[SECONDS]", help="Refresh every SECONDS (2 when not given) until Ctrl-C.")
 @accept_new_option
-@output_option
+@click.option("--output", "output", type=click.Choice(["table", "json", "prometheus"]), default="table",
+              show_default=True, help="How to print the result (prometheus: the cluster view as Prometheus text, "
+                                      "one sample, not with --watch).")
 def status_cmd(inventory_path: Path, watch: float | None, accept_new: bool, output: str) -> None:
     """Show the cluster's health: hosts, congress nodes, the DSD and its tables, the API through the VIP.
 
@@ -288,9 +297,12 @@ def status_cmd(inventory_path: Path, watch: float | None, accept_new: bool, outp
         congressctl status -i lab/inventory.yaml
         congressctl status -i lab/inventory.yaml --output json
         congressctl status -i lab/inventory.yaml --watch 5
+        congressctl status -i lab/inventory.yaml --output prometheus > /var/lib/node_exporter/congress.prom
     """
     from congressctl import inventory, status
 
+    if watch is not None and output == "prometheus":
+        raise click.UsageError("--output prometheus prints one sample; run it periodically instead of --watch")
     inv = inventory.load_inventory(inventory_path)
     warn_all(inv.warnings)
     if watch is not None:
@@ -299,6 +311,9 @@ def status_cmd(inventory_path: Path, watch: float | None, accept_new: bool, outp
         report = status.gather(inv, accept_new=accept_new)
     if output == "json":
         click.echo(json.dumps(report.to_dict(), indent=2, sort_keys=True))
+    elif output == "prometheus":
+        from congressctl import status_metrics
+        click.echo(status_metrics.render(report), nl=False)
     else:
         _show_status(report)
     sys.exit(report.exit_code)
@@ -453,6 +468,38 @@ def lab_status(name: str, lab_dir: Path | None, output: str) -> None:
 
     rows = labmod.lab_status(name=name, dir=lab_dir)
     emit(rows, output, title=f"lab {name}")
+    switch = labmod.switch_status(name=name, dir=lab_dir)
+    state = f"running, pid {switch['pid']}" if switch["running"] else "NOT RUNNING"
+    err.print(f"power switch {switch['address']}: {state}; log {switch['log']}", highlight=False)
+
+
+@lab.command(name="power")
+@click.argument("action", type=click.Choice(["on", "off", "reboot", "status"]))
+@click.argument("node")
+@name_option
+@dir_option
+def lab_power(action: str, node: str, name: str, lab_dir: Path | None) -> None:
+    """Switch lab host NODE through the lab's power switch, as the fence agent does: off kills every process
+    of the host at once (a power loss), on boots it again (its cluster stack starts if deploy installed it).
+
+    \b
+    Example:
+        congressctl lab power reboot n2
+    """
+    from congressctl import lab as labmod
+
+    answer = labmod.power(labmod.lab_load(name=name, dir=lab_dir), action, node)
+    click.echo(f"{node}: {answer.status}")
+
+
+@lab.command(name="power-switch", hidden=True)
+@name_option
+@click.option("--dir", "lab_dir", type=click.Path(file_okay=False, path_type=Path), required=True)
+def lab_power_switch(name: str, lab_dir: Path) -> None:
+    """The lab's power switch daemon (lab up starts it; lab down stops it)."""
+    from congressctl import lab as labmod
+
+    labmod.serve_power_switch(name, lab_dir)
 
 
 @lab.command(name="exec", context_settings={"ignore_unknown_options": True})
@@ -507,11 +554,17 @@ def _scenarios(ctx: click.Context, param: click.Parameter, names: tuple[str, ...
 @click.option("--sink-address", default=None, metavar="ADDRESS",
               help="Address of this machine the hosts reach the action sink on [default: the route to the first "
                    "node].")
+@click.option("--chaos", "chaos_s", type=click.FloatRange(min=30), default=None, metavar="SECONDS",
+              help="Instead of the scenarios: a random schedule of faults (one at a time, sometimes two at once) "
+                   "for this long under one workload, judged as one history.")
+@click.option("--seed", type=int, default=None, help="The chaos schedule's seed, to replay a run [default: a new one, "
+                                                      "printed first].")
 @accept_new_option
 @output_option
 def failover_test(inventory_path: Path, names: list[str], report_dir: Path | None, yes: bool,
                   push_rate: float, get_rate: float, write_rate: float, pe_recovery: float, node_slack: float,
-                  cut_seconds: float | None, sink_address: str | None, accept_new: bool, output: str) -> None:
+                  cut_seconds: float | None, sink_address: str | None, chaos_s: float | None, seed: int | None,
+                  accept_new: bool, output: str) -> None:
     """Inject failures into a deployed cluster while a workload runs; measure detection, recovery, lost and
     duplicated actions, failed reads, the write outage and acknowledged writes lost; pass or fail each scenario
     against its thresholds.
@@ -520,31 +573,53 @@ def failover_test(inventory_path: Path, names: list[str], report_dir: Path | Non
     the cluster and waits until `congressctl status` is healthy before the next scenario. Exit 0 only if
     every scenario passed.
 
+    With --chaos SECONDS the faults come from a random schedule of that length instead (--seed replays one),
+    held under one workload and judged as one history (the "chaos" row): lost and duplicated actions,
+    acknowledged writes lost, the longest stretches without successful reads and writes, two DSDs executing.
+
     \b
     Example:
         congressctl failover-test -i lab/inventory.yaml --yes
         congressctl failover-test -i lab/inventory.yaml --scenario pe-leader-kill --report out/ft --output json
+        congressctl failover-test -i lab/inventory.yaml --yes --chaos 600 --seed 7
     """
     from congressctl import failover, inventory
 
+    if chaos_s is None and seed is not None:
+        raise click.UsageError("--seed goes with --chaos")
+    given = click.get_current_context().get_parameter_source("names") != click.core.ParameterSource.DEFAULT
+    if chaos_s is not None and given:
+        raise click.UsageError("--chaos picks its own faults: give no --scenario with it")
+    if chaos_s is not None:
+        seed = failover.new_seed() if seed is None else seed
+        err.print(f"chaos seed {seed} (replay: --chaos {chaos_s:g} --seed {seed})", highlight=False)
     inv = inventory.load_inventory(inventory_path)
     warn_all(inv.warnings)
+    what = f"a {chaos_s:g}s chaos run" if chaos_s is not None else ", ".join(names)
     if not yes and not click.confirm(f"This kills processes and cuts hosts of cluster {inv.cluster!r} "
-                                     f"({', '.join(names)}). Go on?", err=True):
+                                     f"({what}). Go on?", err=True):
         err.print("nothing done")
         sys.exit(1)
     report_dir = report_dir or Path("failover-report")
     options = failover.Options(push_rate=push_rate, get_rate=get_rate, write_rate=write_rate, cut_s=cut_seconds,
                                sink_address=sink_address, accept_new=accept_new)
     thresholds = failover.Thresholds(pe_recovery_s=pe_recovery, node_slack_s=node_slack)
-    report = failover.run(inv, names, options=options, thresholds=thresholds, report_dir=report_dir,
-                          log=lambda line: err.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {line}", highlight=False))
+
+    def log(line: str) -> None:
+        err.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {line}", highlight=False)
+
+    if chaos_s is None or seed is None:
+        report = failover.run(inv, names, options=options, thresholds=thresholds, report_dir=report_dir, log=log)
+    else:
+        report = failover.run_chaos(inv, chaos_s, seed=seed, options=options, thresholds=thresholds,
+                                    report_dir=report_dir, log=log)
     if output == "json":
         click.echo(json.dumps(report.to_dict(), indent=2, default=str))
     else:
         emit(report.rows(), output, title=f"failover-test ({report.duration_s:.0f}s)")
         err.print(f"timings in force: {failover.timings_summary(report.timings)}", highlight=False)
-    err.print(f"report: {report_dir}/ (one timeline page per scenario, raw events, summary.json)", highlight=False)
+    err.print(f"report: {report_dir}/index.html (the run's perf plot; a timeline page per scenario, raw events, "
+              "summary.json)", highlight=False)
     if not report.passed:
         err.print("[red]failed[/]: " + "; ".join(f"{s.name}: {', '.join(s.failures)}" for s in report.scenarios
                                                   if not s.passed), highlight=False)

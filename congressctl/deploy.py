@@ -6,7 +6,8 @@ Phases, each collecting every host's outcome (never stopping at the first failur
    stale processes (running, but older than the package or config they read: `congressctl-cluster stale`);
 2. start the cluster stack where it is not running (reload corosync where its config changed);
 3. load the CIB when it changed (or the cluster has none of ours yet), then restart the stale processes
-   host by host behind HAProxy (rolling.py), so that the API never stops answering;
+   host by host (rolling.py): bus replicas, then the promoted bus by a switchover, then api-pe behind HAProxy
+   and the DSD, so that the API never stops answering;
 4. wait until Pacemaker reports every resource where the design puts it.
 A second run with the same inventory changes no file and restarts nothing. A run whose rolling restart
 stopped at a host leaves the hosts after it stale: the next run goes on with them.
@@ -35,16 +36,15 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 import congressctl
-from congressctl import pacemaker, remote, rolling
+from congressctl import auth, pacemaker, remote, rolling, tls
 from congressctl.errors import CongressctlError, DeployError, NoHostAnswered, RemoteError, ToolTimeoutError
 from congressctl.files import atomic_write
 from congressctl.inventory import Inventory, Node
-from congressctl.render import CIB_PATH, SBIN_DIR, RenderedFile, Secrets, render_all
+from congressctl.render import CIB_PATH, CLUSTER_SCRIPT, REDIS_CONF_PATH, RenderedFile, Secrets, render_all
 
 VENV = "/opt/congressctl"
 WHEELS = f"{VENV}/wheels"
 STAMP = f"{VENV}/.wheelhouse"
-CLUSTER_SCRIPT = f"{SBIN_DIR}/congressctl-cluster"
 
 Progress = Callable[[str, str], None]
 
@@ -72,6 +72,7 @@ class DeployResult:
     problems: list[str] = field(default_factory=list)
     duration_s: float = 0.0
     dry_run: bool = False
+    ca_file: str | None = None   # what clients verify the API with (`--os-cacert`); None for plain HTTP
 
     @property
     def ok(self) -> bool:
@@ -92,16 +93,22 @@ class Wheelhouse:
 
 
 def load_or_create_secrets(inv: Inventory, create: bool = True) -> Secrets | None:
-    """The bus password (inventory file/env, else generated once in state_dir) and the corosync authkey.
-    Kept 0600 in state_dir and reused by every later deploy. None when missing and create=False."""
+    """The bus password (inventory file/env, else generated once in state_dir), the corosync authkey and the
+    API admin token (auth.py). Kept 0600 in state_dir and reused by every later deploy. None when missing and
+    create=False."""
     state = inv.state_dir
     authkey_path = state / "corosync.authkey"
     password = _bus_password(inv, create)
     if password is None or (not authkey_path.exists() and not create):
         return None
+    material = tls.load_material(inv, create)
     if not authkey_path.exists():
         _write_secret(authkey_path, pysecrets.token_bytes(256))
-    return Secrets(bus_password=password, corosync_authkey=authkey_path.read_bytes())
+    tokens = auth.token_hashes(inv, create=create)
+    if tokens is None:
+        return None
+    return Secrets(bus_password=password, corosync_authkey=authkey_path.read_bytes(), api_tokens=tuple(tokens),
+                   tls=material)
 
 
 def _bus_password(inv: Inventory, create: bool) -> str | None:
@@ -264,7 +271,7 @@ def deploy(inv: Inventory, *, accept_new: bool = False, dry_run: bool = False, s
 
     hosts = [remote.host_of(inv, n) for n in inv.nodes]
     _collect(remote.run_on_hosts(hosts, push, max_workers=max_workers, timeout=900), reports)
-    result = DeployResult(hosts=reports)
+    result = DeployResult(hosts=reports, ca_file=str(tls.ca_path(inv)) if inv.api_tls.enabled else None)
     if any(not r.ok for r in reports.values()):
         _roll_back(inv, reports, progress, max_workers)
         result.problems.append("some hosts failed; files changed by this run were put back on every host")
@@ -294,6 +301,8 @@ def _push_host(inv: Inventory, node: Node, files: list[RenderedFile], wheelhouse
     step = _Steps(report, progress)
     step("connect")
     with _FailingAs(report), remote.connect(inv, node, accept_new) as conn:
+        step("check the bus")
+        _refuse_live_bus_tls_switch(inv, node, conn)
         step("install congressctl")
         version = conn.run("python3 -c 'import platform; print(platform.python_version())'", timeout=30).stdout
         report.installed = _install_package(conn, wheelhouses.get(version.strip()))
@@ -303,6 +312,26 @@ def _push_host(inv: Inventory, node: Node, files: list[RenderedFile], wheelhouse
                 report.changed.append(f.path)
         report.stale = _actions(conn.run(f"{CLUSTER_SCRIPT} stale", timeout=30).stdout)
         step("files pushed")
+
+
+def _refuse_live_bus_tls_switch(inv: Inventory, node: Node, conn: remote.Connection) -> None:
+    """A running bus cannot be rolled from plain to TLS or back: a replica of the other kind never syncs, so
+    the roll would stop with the bus half switched. Refused before anything is touched on any host."""
+    if not node.has("bus"):
+        return
+    current = conn.run(f"cat {REDIS_CONF_PATH}", timeout=10, check=False)
+    if current.exit_code != 0:
+        return   # never deployed here
+    was_tls = any(line.startswith("tls-port ") for line in current.stdout.splitlines())
+    if was_tls == inv.bus.tls or conn.run("pgrep -x redis-server", timeout=10, check=False).exit_code != 0:
+        return
+    on_off = {True: "on", False: "off"}
+    raise DeployError(
+        f"bus.tls: the bus on {node.name} runs with TLS {on_off[was_tls]} and the inventory turns it "
+        f"{on_off[inv.bus.tls]}; a plain and a TLS Redis never replicate to each other, so this cannot be rolled. "
+        "Stop the resources first (crm_attribute --type crm_config --name stop-all-resources --update true), "
+        "deploy, then delete that attribute (--delete) and deploy again; nothing was changed",
+        host=node.name, step="check the bus")
 
 
 class _Wheelhouses:
@@ -508,13 +537,14 @@ def _restarts(conn: remote.Connection, inv: Inventory, stale: dict[str, list[str
     vip = next(iter(placement.on("haproxy")), conn.host.name)
     view = rolling.dsd_view(conn, inv) if stale else None
     plan = rolling.make_plan(stale, placement, leader=view.leader.node if view and view.leader else None,
-                             serial=serial)
+                             serial=serial, multi_bus=len(inv.with_role("bus")) > 1)
     return _Restarts(vip=vip, haproxy="haproxy" in stale.get(vip, []), plan=plan)
 
 
 def _roll(conn: remote.Connection, inv: Inventory, reports: dict[str, HostReport], result: DeployResult, *,
           serial: int, deadline: float, progress: Progress | None) -> None:
-    """Restart the stale processes: HAProxy where it runs, then api-pe host by host and the DSD (rolling.py)."""
+    """Restart the stale processes: HAProxy where it runs, then the bus, api-pe host by host and the DSD
+    (rolling.py)."""
     stale = {name: r.stale for name, r in reports.items() if r.stale}
     if not stale:
         return
@@ -561,8 +591,9 @@ def _wait_ready(conn: remote.Connection, inv: Inventory, result: DeployResult, d
 
 def _api_healthy(conn: remote.Connection, inv: Inventory) -> bool:
     """HAProxy on the VIP has a healthy api-pe behind it (its checks passed and the PE is synced)."""
-    url = f"http://{inv.vip.address}:{inv.api_port}/healthz"
-    return conn.run(f"curl -sf -m 2 -o /dev/null {shlex.quote(url)}", timeout=10, check=False).exit_code == 0
+    url = f"{inv.api_url()}/healthz"
+    return conn.run(f"curl -sf -m 2 -o /dev/null {tls.curl_args(inv)}{shlex.quote(url)}", timeout=10,
+                    check=False).exit_code == 0
 
 
 # ---------------------------------------------------------------------------------------------- dry run

@@ -126,6 +126,14 @@ class DeployError(CongressctlError):
         self.step = step
 
 
+class AuthError(CongressctlError):
+    """An API token could not be read or made (its file, its environment variable, the state dir's admin token)."""
+
+
+class TlsError(CongressctlError):
+    """A certificate, key or CA file is missing or unusable."""
+
+
 class LabError(CongressctlError):
     """The lab could not be made, inspected or torn down."""
 
@@ -169,9 +177,21 @@ class DatasourceConfigError(CongressctlError):
     """A datasource definition was refused: unknown driver, bad tables/columns, bad URL or interval."""
 
 
+class InputLimitError(CongressctlError):
+    """A request went past a bound on its input: nesting, or the length of a name, rule text or row cell."""
+
+
 class ActionDeliveryError(CongressctlError):
     """An action could not be delivered to its datasource's action URL (connect, timeout or HTTP error)."""
 
 
 class NotReplicatedError(BusError):
     """A bus write was not confirmed by enough replicas in time (or was refused for lack of them)."""
+
+
+class DelayError(FailoverError):
+    """The packet delayer could not bind its NFQUEUE (not root, queue taken) or lost its netlink socket."""
+
+
+class PowerSwitchError(CongressctlError):
+    """The lab's power switch refused a request (bad key, replay, unknown plug) or could not be reached."""

@@ -32,6 +32,15 @@ COROSYNC_MEMBER_LIMIT = 32
 # Three bus nodes by default: the bus survives the loss of any one host, and a write waits for one replica.
 DEFAULT_BUS_NODES = 3
 FIRST_HOST_OCTET = 11   # generated inventories (and the lab) number hosts <subnet>.11, .12, ...
+TOKEN_ROLES = ("admin", "reader")
+TOKEN_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+GENERATED_TOKEN = "admin"    # the name of the admin token deploy generates (congressctl/auth.py)
+# The host must be whole: "http://10.0.0.5" would also allow "http://10.0.0.55", and "http://h:80" "http://h:8080".
+# So a prefix ends its host with "/" (a port may come before), or with ":" (any port of that host).
+URL_PREFIX = re.compile(r"^https?://[^/:\s]+(:|(:\d+)?/\S*)$")
+DEFAULT_MAX_BODY_MB = 16
+DEFAULT_MAX_ROWS_PER_PUT = 2_000_000
+API_KEYS = ("port", "max_body_mb", "max_rows_per_put", "tokens", "tls", "cert_file", "key_file", "ca_file")
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,44 @@ class Vip:
 
 
 @dataclass(frozen=True)
+class ApiToken:
+    """A token the inventory names: read from a file or an environment variable by deploy, never inline."""
+
+    name: str
+    role: str
+    file: str | None = None
+    env: str | None = None
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    tokens: tuple[ApiToken, ...] = ()
+    max_body_mb: int = DEFAULT_MAX_BODY_MB
+    # None: the node config's own default (DEFAULT_MAX_ROWS_PER_PUT), and the rendered config stays as it was
+    max_rows_per_put: int | None = None
+
+
+@dataclass(frozen=True)
+class DatasourceSettings:
+    allowed_urls: tuple[str, ...] = ()   # URL prefixes an http datasource may reach; none by default
+
+
+@dataclass(frozen=True)
+class ApiTls:
+    """HTTPS on the VIP and the api-pe nodes (tls.py); with cert_file the operator's certificate, else the
+    cluster CA's."""
+
+    enabled: bool = True
+    cert_file: str | None = None
+    key_file: str | None = None
+    ca_file: str | None = None    # what clients verify cert_file with
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.enabled else "http"
+
+
+@dataclass(frozen=True)
 class BusSettings:
     port: int = 6379
     password_file: str | None = None
@@ -69,6 +116,20 @@ class BusSettings:
     vip: str | None = None
     tls: bool = False
     sync_replicas: int = 1      # replicas the promoted Redis needs in sync before it takes a write
+
+
+@dataclass(frozen=True)
+class MetricsPorts:
+    """Where Prometheus scrapes each host, on the node's own address: its api-pe's and its DSD's /metrics, and
+    HAProxy's exporter (where HAProxy runs). 9108-9109: free in Prometheus's port allocation list; 8405: the
+    port HAProxy's documentation gives its exporter."""
+
+    api_pe_port: int = 9108
+    dsd_port: int = 9109
+    haproxy_port: int = 8405
+
+
+METRICS_PORT_KEYS = ("api_pe_port", "dsd_port", "haproxy_port")
 
 
 @dataclass(frozen=True)
@@ -117,7 +178,11 @@ class Inventory:
     dsd_preference: list[str]
     ssh: SshSettings
     state_dir: Path
+    metrics: MetricsPorts = field(default_factory=MetricsPorts)
+    api_tls: ApiTls = field(default_factory=ApiTls)
     warnings: list[str] = field(default_factory=list)
+    api: ApiSettings = ApiSettings()
+    datasources: DatasourceSettings = DatasourceSettings()
 
     def node(self, name: str) -> Node:
         for node in self.nodes:
@@ -128,6 +193,10 @@ class Inventory:
 
     def with_role(self, role: str) -> list[Node]:
         return [n for n in self.nodes if n.has(role)]
+
+    def api_url(self, address: str | None = None) -> str:
+        """The API's base URL on `address` (default: the VIP), with the scheme api.tls says."""
+        return f"{self.api_tls.scheme}://{address or self.vip.address}:{self.api_port}"
 
     @property
     def two_node(self) -> bool:
@@ -398,7 +467,8 @@ def _read_fence_devices(m: _Map) -> tuple[FenceDevice, ...]:
     return tuple(devices)
 
 
-TOP_KEYS = ("cluster", "nodes", "vip", "api", "bus", "timings", "corosync", "pacemaker", "dsd", "ssh", "state_dir")
+TOP_KEYS = ("cluster", "nodes", "vip", "api", "bus", "timings", "corosync", "pacemaker", "dsd", "ssh", "state_dir",
+            "metrics", "datasources")
 
 
 def load_inventory(path: str | Path) -> Inventory:
@@ -443,8 +513,10 @@ def _read_top(top: _Map, path: Path) -> Inventory:
     vip = _read_vip(top.mapping("vip", required=True))
     api = top.mapping("api")
     api_port = api.get("port", int, 1789, _port) if api else 1789
+    api_settings = _read_api(api)
+    api_tls = _read_api_tls(api)
     if api:
-        api.finish(("port",))
+        api.finish(API_KEYS)
     bus = _read_bus(top.mapping("bus"), bus_nodes=sum(n.has("bus") for n in nodes))
     timings = _read_timings(top.mapping("timings"))
     pacemaker = _read_fencing(top.mapping("pacemaker"))
@@ -452,10 +524,95 @@ def _read_top(top: _Map, path: Path) -> Inventory:
     dsd = top.mapping("dsd")
     preference = _read_preference(dsd, nodes)
     state_dir = top.get("state_dir", str, ".congressctl-state", _safe_text)
+    metrics = _read_metrics(top.mapping("metrics"))
     return Inventory(path=path.resolve(), cluster=cluster or "", nodes=nodes, vip=vip, api_port=api_port or 1789,
                      bus=bus, timings=timings, pacemaker=pacemaker, corosync=corosync,
-                     dsd_preference=preference, ssh=ssh,
-                     state_dir=(path.resolve().parent / (state_dir or ".congressctl-state")))
+                     dsd_preference=preference, ssh=ssh, api_tls=api_tls,
+                     state_dir=(path.resolve().parent / (state_dir or ".congressctl-state")), metrics=metrics,
+                     api=api_settings, datasources=_read_datasources(top.mapping("datasources")))
+
+
+def _read_metrics(m: _Map | None) -> MetricsPorts:
+    if m is None:
+        return MetricsPorts()
+    base = MetricsPorts()
+    ports = {key: m.get(key, int, getattr(base, key), _port) for key in METRICS_PORT_KEYS}
+    m.finish(tuple(ports))
+    return MetricsPorts(**{key: value or getattr(base, key) for key, value in ports.items()})
+
+
+def _read_api(m: _Map | None) -> ApiSettings:
+    if m is None:
+        return ApiSettings()
+    max_body_mb = m.get("max_body_mb", int, DEFAULT_MAX_BODY_MB, _positive)
+    max_rows = m.get("max_rows_per_put", int, None, _positive)
+    tokens = _read_tokens(m)
+    return ApiSettings(tokens=tokens, max_body_mb=max_body_mb or DEFAULT_MAX_BODY_MB, max_rows_per_put=max_rows)
+
+
+def _read_tokens(api: _Map) -> tuple[ApiToken, ...]:
+    tokens: list[ApiToken] = []
+    for item, path in api.sequence("tokens") or []:
+        m = _Map(item, path, api.problems)
+        if not isinstance(item, yaml.MappingNode):
+            continue
+        for inline in ("token", "value", "secret"):
+            if inline in m.entries:
+                m.used.add(inline)
+                m.problems.add(m.entries[inline][0], m.sub(inline),
+                               "never put an API token inline; give its file or env (the environment variable)")
+        name = m.get("name", str, check=_matches(TOKEN_NAME, "token name"))
+        role = m.get("role", str, check=_one_of(TOKEN_ROLES))
+        file = m.get("file", str, None, _safe_text)
+        env = m.get("env", str, None, _matches(ENV_VAR, "environment variable name"))
+        m.finish(("name", "role", "file", "env", "token", "value", "secret"))
+        if (file is None) == (env is None):
+            m.problems.add(item, path, "give the token's file or its env (environment variable), one of them")
+        if name == GENERATED_TOKEN:
+            m.problems.add(m.raw("name"), m.sub("name"),
+                           f"'{GENERATED_TOKEN}' is the token deploy generates in state_dir; pick another name")
+        elif name in {t.name for t in tokens}:
+            m.problems.add(m.raw("name"), m.sub("name"), f"token name '{name}' listed twice")
+        if name and role:
+            tokens.append(ApiToken(name=name, role=role, file=file, env=env))
+    return tuple(tokens)
+
+
+def _url_prefix(value: str) -> str | None:
+    if URL_PREFIX.match(value):
+        return None
+    return (f"{value!r} is not a URL prefix that ends its host (such as 'http://10.0.0.5:8080/' or "
+            "'http://10.0.0.5:' for any port): a prefix ending inside the host or port would allow others too")
+
+
+def _read_datasources(m: _Map | None) -> DatasourceSettings:
+    if m is None:
+        return DatasourceSettings()
+    allowed: list[str] = []
+    for item, path in m.sequence("allowed_urls") or []:
+        value = _scalar(item, str)
+        error = f"expected a URL prefix, got {_kind(item)}" if value is _MISSING else _url_prefix(value)
+        if error:
+            m.problems.add(item, path, error)
+        else:
+            allowed.append(value)
+    m.finish(("allowed_urls",))
+    return DatasourceSettings(allowed_urls=tuple(allowed))
+
+
+def _read_api_tls(m: _Map | None) -> ApiTls:
+    if m is None:
+        return ApiTls()
+    enabled = m.get("tls", bool, True)
+    files = {key: m.get(key, str, None, _safe_text) for key in ("cert_file", "key_file", "ca_file")}
+    given = [key for key, value in files.items() if value]
+    if given and len(given) < 3:
+        m.problems.add(m.node, m.sub(given[0]), "give cert_file, key_file and ca_file together (the CA "
+                       "clients verify the certificate with), or none: deploy then makes a cluster CA")
+    if given and enabled is False:
+        m.problems.add(m.node, m.sub(given[0]), "cert_file/key_file/ca_file need api.tls on")
+    return ApiTls(enabled=enabled is not False, cert_file=files["cert_file"], key_file=files["key_file"],
+                  ca_file=files["ca_file"])
 
 
 def _read_vip(m: _Map | None) -> Vip:
@@ -611,7 +768,8 @@ def _check_bus(inv: Inventory, top: _Map, problems: _Problems) -> None:
 
 
 def _check_ports(inv: Inventory, top: _Map, problems: _Problems) -> None:
-    used = {"api.port": inv.api_port, "bus.port": inv.bus.port}
+    metrics = {f"metrics.{key}": getattr(inv.metrics, key) for key in METRICS_PORT_KEYS}
+    used = {"api.port": inv.api_port, "bus.port": inv.bus.port, **metrics}
     for field_path, port in used.items():
         section, key = field_path.split(".")
         node = _value_node(top.raw(section), key) or top.node
@@ -623,6 +781,13 @@ def _check_ports(inv: Inventory, top: _Map, problems: _Problems) -> None:
     if inv.api_port == inv.bus.port:
         problems.add(_value_node(top.raw("bus"), "port") or top.node, "bus.port",
                      f"bus.port {inv.bus.port} clashes with api.port")
+    taken = {"api.port": inv.api_port, "bus.port": inv.bus.port}
+    for field_path, port in metrics.items():
+        other = next((name for name, p in taken.items() if p == port), None)
+        if other:
+            problems.add(_value_node(top.raw("metrics"), field_path.split(".")[1]) or top.node, field_path,
+                         f"{field_path} {port} clashes with {other}")
+        taken[field_path] = port
 
 
 def _check_fence_hosts(inv: Inventory, top: _Map, problems: _Problems) -> None:

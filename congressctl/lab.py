@@ -10,6 +10,13 @@ the host exactly as on a real machine.
 Killing a host's PID 1 makes the kernel kill every process of that host. Teardown relies on it because
 pacemakerd ignores SIGTERM once corosync is gone: SIGTERM first, a grace period, then SIGKILL to PID 1.
 
+Power: the lab's power switch (powerswitch.py, started by lab up, stopped by lab down) powers a host off (SIGKILL
+to its PID 1, as a power loss) and on (its PID 1 started again, its network as at boot, its cluster stack
+BOOT_DELAY_S later); Pacemaker reaches it through the fence agent templates/fence/fence_congresslab and the
+shared key each host has at HOST_SWITCH_KEY. What a host wrote to its disk (the overlays' upper dirs) survives;
+/run and /tmp are fresh. Its Redis data dir is a small tmpfs mounted on the machine (REDIS_DISK_MB, so that a
+disk-full fault can fill it), which survives the host's power cycles too.
+
 State: <dir>/lab.json, plus a machine-wide copy in /run/congressctl-lab/<name>.json so that the leftovers of a
 crashed run are found even without <dir>. Netns, veth and bridge names derive from the lab name alone.
 """
@@ -19,8 +26,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import re
+import secrets
 import shlex
 import shutil
 import signal
@@ -38,10 +47,11 @@ from pathlib import Path
 
 import yaml
 
+from congressctl import powerswitch
 from congressctl.errors import LabError
 from congressctl.files import atomic_write
 from congressctl.inventory import FIRST_HOST_OCTET, generate
-from congressctl.render import render_template
+from congressctl.render import CLUSTER_SCRIPT, render_template
 
 REGISTRY_DIR = Path("/run/congressctl-lab")
 NETNS_DIR = Path("/run/netns")
@@ -64,7 +74,17 @@ KILL_WAIT_S = 15.0
 READY_TIMEOUT_S = 60.0
 CMD_TIMEOUT_S = 30.0
 LOCK_TIMEOUT_S = 300.0
-OWN_FILES = ("lab.json", "inventory.yaml", "id_ed25519", "id_ed25519.pub", "known_hosts")
+SWITCH_KEY, SWITCH_PID, SWITCH_LOG = "powerswitch.key", "powerswitch.pid", "powerswitch.log"
+HOST_SWITCH_KEY = "/etc/congressctl/powerswitch.key"
+FENCE_AGENT = "fence_congresslab"
+SWITCH_READY_S = 15.0
+REDIS_DISK_MB = 64
+# A booted host starts its cluster stack this long after power-on, as a machine's firmware and OS take a while:
+# one that rejoined a second after being fenced aborted the survivors' recovery and took the DSD back (18.9 s
+# to the first action instead of ~5, seen in dsd-node-fail).
+BOOT_DELAY_S = 10
+OWN_FILES = ("lab.json", "inventory.yaml", "id_ed25519", "id_ed25519.pub", "known_hosts",
+             SWITCH_KEY, SWITCH_PID, SWITCH_LOG)
 
 
 @dataclass
@@ -86,6 +106,11 @@ class Lab:
     inventory: Path
     key: Path
     known_hosts: Path
+
+    @property
+    def gateway(self) -> str:
+        """The machine's address on the lab bridge (where the power switch listens)."""
+        return self.subnet.replace(".0/24", ".1")
 
     def host(self, name: str) -> LabHost:
         for h in self.hosts:
@@ -143,11 +168,12 @@ def lab_up(nodes: int = 3, name: str = "lab", dir: Path | None = None) -> Lab:
         _save(lab, owns_dir)
         try:
             _build(lab)
+            _save(lab, owns_dir)
+            _start_switch(lab)
         except BaseException:
             with contextlib.suppress(Exception):
                 _teardown(name, dir)
             raise
-        _save(lab, owns_dir)
     return lab
 
 
@@ -199,7 +225,10 @@ def lab_exec_argv(lab: Lab, host: str, argv: list[str]) -> list[str]:
     """The command line that runs argv inside a host (for a CLI that wants to exec it with its own terminal)."""
     h = lab.host(host)
     if _holder(_scan(), h) is None:
-        raise LabError(f"host is not running (pid {h.pid}); run: congressctl lab up --name {lab.name}", host=host)
+        _refresh_pids(lab)   # the power switch may have booted it again since `lab` was loaded
+    if _holder(_scan(), h) is None:
+        raise LabError(f"host is not running (pid {h.pid}); power it on (congressctl lab power on {host}) or "
+                       f"run: congressctl lab up --name {lab.name}", host=host)
     return ["nsenter", "-t", str(h.pid), "-n", "-m", "-u", "-i", "-p", "--", *argv]
 
 
@@ -228,6 +257,80 @@ def lab_exec(lab: Lab, host: str, argv: list[str], timeout: float | None = 60, i
     return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 
+def power(lab: Lab, action: str, host: str) -> powerswitch.Answer:
+    """Ask the lab's power switch to switch a host (on, off, reboot) or say its state (status), as the fence
+    agent does; raises PowerSwitchError if the switch refuses or cannot be reached."""
+    lab.host(host)
+    key = _switch_key(lab)
+    return powerswitch.send(address=lab.gateway, key=key, action=action, plug=host)
+
+
+def switch_status(name: str = "lab", dir: Path | None = None) -> dict:
+    """The lab's power switch: where it listens, its pid, whether it runs, where it logs."""
+    lab = lab_load(name, dir)
+    pid = _switch_pid(lab.dir)
+    return {"address": f"{lab.gateway}:{powerswitch.PORT}", "pid": pid, "running": pid is not None,
+            "log": str(lab.dir / SWITCH_LOG)}
+
+
+def serve_power_switch(name: str, dir: Path) -> None:
+    """The power switch daemon's body (lab up starts it detached); returns only if it cannot listen."""
+    lab = lab_load(name, dir)
+    logging.basicConfig(filename=lab.dir / SWITCH_LOG, level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    powerswitch.serve(address=lab.gateway, key=_switch_key(lab), power=LabPower(name, lab.dir),
+                      pid_file=lab.dir / SWITCH_PID)
+
+
+class LabPower:
+    """The switch's view of a lab's hosts (powerswitch.Power): lab.json is read again for each request, as the
+    pids in it change with each boot."""
+
+    def __init__(self, name: str, dir: Path):
+        self.name, self.dir = name, dir
+
+    def _lab(self) -> Lab:
+        return lab_load(self.name, self.dir)
+
+    def plugs(self) -> list[str]:
+        return [h.name for h in self._lab().hosts]
+
+    def is_on(self, plug: str) -> bool:
+        return _holder(_scan(), self._lab().host(plug)) is not None
+
+    def off(self, plug: str) -> None:
+        power_off(self._lab(), plug)
+
+    def on(self, plug: str) -> None:
+        power_on(self._lab(), plug)
+
+
+def power_off(lab: Lab, host: str) -> None:
+    """Every process of the host dies at once, as in a power loss (its PID 1 gets SIGKILL). Returns once none
+    is left; nothing if it was off."""
+    h = lab.host(host)
+    holder = _holder(_scan(), h)
+    if holder is None:
+        return
+    _signal_all({holder.pid}, signal.SIGKILL)
+    if not _wait_until(lambda: not [p for p in _scan() if p.pidns == holder.pidns], KILL_WAIT_S):
+        raise LabError(f"processes of the host survived its power-off for {KILL_WAIT_S:.0f} s", host=host)
+
+
+def power_on(lab: Lab, host: str) -> None:
+    """Boot a host that is off: its network as at boot (no extra address, rule or qdisc), its PID 1 started
+    again, which mounts its disk and starts its cluster stack if deploy installed it. Returns once its sshd
+    answers; nothing if it was on."""
+    h = lab.host(host)
+    if _holder(_scan(), h) is not None:
+        return
+    _reset_network(h)
+    h.pid = 0
+    _start_holder(lab, h)
+    _wait_ready(lab, [h])
+    _record_pid(lab, h)
+
+
 # ---------------------------------------------------------------------------------------------- building
 
 def _plan(name: str, dir: Path, nodes: int, octet: int) -> Lab:
@@ -241,13 +344,14 @@ def _plan(name: str, dir: Path, nodes: int, octet: int) -> Lab:
 def _build(lab: Lab) -> None:
     _keygen(lab.key, f"congressctl-lab-{lab.name}")
     client_pub = lab.key.with_suffix(".pub").read_text()
+    _write(lab.dir / SWITCH_KEY, secrets.token_hex(32) + "\n", 0o600)
     run_seed = lab.dir / "hosts" / ".run-seed"
     _make_run_seed(run_seed)
     host_keys = {h.name: _prepare_host(lab, h, client_pub, run_seed) for h in lab.hosts}
     _make_network(lab)
     for h in lab.hosts:
         _start_holder(lab, h)
-    _wait_ready(lab)
+    _wait_ready(lab, lab.hosts)
     _write(lab.known_hosts, "".join(f"{h.address} {host_keys[h.name]}\n" for h in lab.hosts), 0o644)
     _write(lab.inventory, yaml.safe_dump(_inventory(lab), sort_keys=False, default_flow_style=None, width=120), 0o644)
 
@@ -276,8 +380,14 @@ def _prepare_host(lab: Lab, h: LabHost, client_pub: str, run_seed: Path) -> str:
     _write(ssh / "lab_authorized_keys", client_pub, 0o600)
     _write(ssh / "sshd_config", render_template("lab-sshd_config.j2", host=h.name, address=h.address,
                                                 port=SSH_PORT, authorized_keys=authorized), 0o644)
+    _write(etc / "congressctl" / "powerswitch.key", (lab.dir / SWITCH_KEY).read_text(), 0o600)
+    (etc / "congressctl").chmod(0o755)
+    redis_disk = root / "redis-disk"
+    redis_disk.mkdir()
+    _run(["mount", "-t", "tmpfs", "-o", f"size={REDIS_DISK_MB}m,mode=0755", f"lab-{h.netns}-redis", str(redis_disk)])
     _write(root / "setup.sh", render_template("lab-host-setup.sh.j2", host=h.name, overlays=overlays,
-                                              home=str(home), run_seed=str(run_seed)), 0o700)
+                                              home=str(home), run_seed=str(run_seed), redis_disk=str(redis_disk),
+                                              cluster_script=CLUSTER_SCRIPT, boot_delay_s=BOOT_DELAY_S), 0o700)
     algo, key = (ssh / "ssh_host_ed25519_key.pub").read_text().split()[:2]
     return f"{algo} {key}"
 
@@ -365,15 +475,105 @@ def _start_holder(lab: Lab, h: LabHost) -> None:
     cmd = ["setsid", "-f", "ip", "netns", "exec", h.netns,
            "unshare", "--mount", "--uts", "--ipc", "--pid", "--fork", "--mount-proc", "--propagation", "slave",
            "--", "/bin/bash", str(root / "setup.sh")]
-    with open(root / "holder.log", "wb") as log:
+    with open(root / "holder.log", "ab") as log:   # one log across the host's boots
         subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=HOST_ENV,
                        cwd="/", timeout=CMD_TIMEOUT_S, check=True)
 
 
-def _wait_ready(lab: Lab) -> None:
-    """Until every host's PID 1 is found and its sshd answers with an SSH banner."""
+def _reset_network(h: LabHost) -> None:
+    """What a reboot resets in a host's network namespace (which outlives its processes): addresses (a VIP
+    IPaddr2 added), link state, nftables rules and qdiscs a fault left."""
+    _ip("-n", h.netns, "addr", "flush", "dev", "eth0")
+    _ip("-n", h.netns, "addr", "add", f"{h.address}/24", "dev", "eth0")
+    _ip("-n", h.netns, "link", "set", "eth0", "up")
+    _ip("-n", h.netns, "link", "set", "lo", "up")
+    if shutil.which("nft", path=HOST_ENV["PATH"]):
+        _run(["ip", "netns", "exec", h.netns, "nft", "flush", "ruleset"], check=False)
+    _run(["tc", "-n", h.netns, "qdisc", "del", "dev", "eth0", "root"], check=False)   # fails when none: fine
+
+
+def _record_pid(lab: Lab, h: LabHost) -> None:
+    record = _read_json(lab.dir / "lab.json")
+    if record is None:
+        raise LabError(f"{lab.dir / 'lab.json'} is gone: is the lab being torn down?", host=h.name)
+    lab.hosts = [h if other.name == h.name else other for other in _from_json(record).hosts]
+    _save(lab, bool(record.get("owns_dir")))
+
+
+def _refresh_pids(lab: Lab) -> None:
+    record = _read_json(lab.dir / "lab.json")
+    if record is None:
+        return
+    pids = {h["name"]: h["pid"] for h in record.get("hosts", [])}
+    for h in lab.hosts:
+        h.pid = pids.get(h.name, h.pid)
+
+
+# ---------------------------------------------------------------------------------------------- power switch
+
+def _start_switch(lab: Lab) -> None:
+    """Start the power switch detached (setsid -f: it outlives lab up) and wait until it listens."""
+    package_parent = str(Path(__file__).resolve().parent.parent)
+    env = {**HOST_ENV, "PYTHONPATH": package_parent}
+    cmd = ["setsid", "-f", sys.executable, "-m", "congressctl.cli", "lab", "power-switch",
+           "--name", lab.name, "--dir", str(lab.dir)]
+    with open(lab.dir / SWITCH_LOG, "ab") as log:
+        subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, cwd="/",
+                       timeout=CMD_TIMEOUT_S, check=True)
+    if not _wait_until(lambda: _switch_pid(lab.dir) is not None and _listening(lab.gateway), SWITCH_READY_S):
+        raise LabError(f"the power switch did not start within {SWITCH_READY_S:.0f} s: "
+                       f"{_tail(lab.dir / SWITCH_LOG)}")
+
+
+def _stop_switch(dir: Path) -> list[str]:
+    pid = _switch_pid(dir)
+    if pid is None:
+        return []
+    _signal_all({pid}, signal.SIGTERM)
+    if not _wait_until(lambda: _switch_pid(dir) is None, GRACE_S):
+        _signal_all({pid}, signal.SIGKILL)
+        _wait_until(lambda: _switch_pid(dir) is None, KILL_WAIT_S)
+    return [f"power switch {pid}"]
+
+
+def _switch_pid(dir: Path) -> int | None:
+    """The pid in dir's power switch pid file, if that process runs and is this lab's switch (pids are reused)."""
+    try:
+        pid = int((dir / SWITCH_PID).read_text().split()[0])
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, ValueError, IndexError):
+        return None
+    ours = b"power-switch" in cmdline and str(dir).encode() in cmdline
+    return pid if ours and state != "Z" else None
+
+
+def _switch_key(lab: Lab) -> bytes:
+    try:
+        return (lab.dir / SWITCH_KEY).read_text().strip().encode()
+    except OSError as e:
+        raise LabError(f"the lab's power switch key is unreadable: {e}") from None
+
+
+def _listening(address: str) -> bool:
+    try:
+        with socket.create_connection((address, powerswitch.PORT), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _tail(path: Path) -> str:
+    try:
+        return " | ".join(path.read_text(errors="replace").strip().splitlines()[-5:]) or "empty log"
+    except OSError:
+        return "no log"
+
+
+def _wait_ready(lab: Lab, hosts: list[LabHost]) -> None:
+    """Until each host's PID 1 is found and its sshd answers with an SSH banner."""
     started = time.monotonic()
-    pending = list(lab.hosts)
+    pending = list(hosts)
     while pending:
         procs = _scan()
         for h in list(pending):
@@ -420,9 +620,17 @@ def _inventory(lab: Lab) -> dict:
     """The default layout: the first three hosts carry the replicated bus (behind its own VIP), the DSD prefers
     n2 and n3, and the CIB keeps the promoted Redis, the DSD and the API VIP apart where it can."""
     names = [h.name for h in lab.hosts]
-    return generate(len(lab.hosts), cluster=lab.name, subnet=lab.subnet.rsplit(".", 1)[0], vip=lab.vip,
+    data = generate(len(lab.hosts), cluster=lab.name, subnet=lab.subnet.rsplit(".", 1)[0], vip=lab.vip,
                     dsd_preference=names[1:3] + names[:1], sched_rr=corosync_realtime(len(lab.hosts)),
                     ssh={"user": "root", "port": SSH_PORT, "key": lab.key.name, "known_hosts": lab.known_hosts.name})
+    # as production should: fencing on, through the lab's power switch
+    data["pacemaker"]["fencing"] = {"devices": [{
+        "name": "lab", "agent": FENCE_AGENT, "hosts": names,
+        "params": {"ipaddr": lab.gateway, "ipport": str(powerswitch.PORT), "key_file": HOST_SWITCH_KEY},
+    }]}
+    # failover-test's action sink listens on this machine's bridge address, on a port of its own
+    data["datasources"] = {"allowed_urls": [f"http://{lab.gateway}:"]}
+    return data
 
 
 # ---------------------------------------------------------------------------------------------- teardown
@@ -433,7 +641,10 @@ def _teardown(name: str, dir: Path) -> list[str]:
                if r is not None and r.get("name") == name]
     netns = sorted(set(_netns_named(name)) | {h["netns"] for r in records for h in r.get("hosts", [])})
     known_holders = {h["pid"] for r in records for h in r.get("hosts", []) if h.get("pid")}
-    removed = _stop_processes(netns, known_holders)
+    removed = []
+    for state_dir in {r["dir"] for r in records} | {str(dir)}:
+        removed += _stop_switch(Path(state_dir))   # first: it must not boot a host being stopped
+    removed += _stop_processes(netns, known_holders)
     for link in [*netns, f"clb-{name}"]:   # a host's veth is named like its netns; deleting it deletes its eth0
         if _delete_link(link):
             removed.append(f"link {link}")
@@ -441,12 +652,24 @@ def _teardown(name: str, dir: Path) -> list[str]:
         if (NETNS_DIR / ns).exists():
             _ip("netns", "delete", ns)
             removed.append(f"netns {ns}")
+    for r in records:
+        removed += _unmount_disks(Path(r["dir"]), [h["name"] for h in r.get("hosts", [])])
     for state_dir, owned in {(r["dir"], bool(r.get("owns_dir"))) for r in records}:
         removed += _remove_state(Path(state_dir), owned)
     registry = REGISTRY_DIR / f"{name}.json"
     if registry.exists():
         registry.unlink()
         removed.append(f"registry {registry}")
+    return removed
+
+
+def _unmount_disks(dir: Path, hosts: list[str]) -> list[str]:
+    removed = []
+    for host in hosts:
+        disk = dir / "hosts" / host / "redis-disk"
+        if os.path.ismount(disk):
+            _run(["umount", str(disk)])
+            removed.append(f"mount {disk}")
     return removed
 
 

@@ -7,6 +7,7 @@ simulated clusters of verify.py.
 
 from __future__ import annotations
 
+import re
 import shlex
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -32,6 +33,14 @@ class Placement:
 
     def on(self, resource: str) -> list[str]:
         return self.running.get(resource, [])
+
+
+@dataclass(frozen=True)
+class OpTiming:
+    """A recurring operation's interval and timeout, in seconds."""
+
+    interval_s: float
+    timeout_s: float
 
 
 @dataclass
@@ -62,6 +71,18 @@ def cluster_placement(conn: remote.Connection) -> Placement | None:
 def query_resources(conn: remote.Connection) -> remote.CommandResult:
     """The CIB's resources section (exit code not checked: the CIB may not be up yet)."""
     return conn.run("cibadmin --query --scope resources", timeout=20, check=False)
+
+
+def live_op_timing(conn: remote.Connection, op_id: str) -> OpTiming | None:
+    """The interval and timeout of the operation `op_id` in the live CIB (None when it has no such op)."""
+    out = query_resources(conn).stdout
+    return op_timing(out, op_id) if out.strip() else None
+
+
+def fencing_under_way(conn: remote.Connection, node: str) -> bool:
+    """Whether the fencer (as the connected host knows it) is still carrying out an action against `node`."""
+    out = conn.run(f"stonith_admin --history {shlex.quote(node)} --output-as=xml", timeout=20).stdout
+    return fencing_pending(out, node)
 
 
 def replace_configuration(conn: remote.Connection, cib: bytes) -> None:
@@ -101,6 +122,13 @@ def ban(conn: remote.Connection, resource: str, node: str, lifetime: str = BAN_L
     """Keep `resource` off `node` (for a clone: stop its instance there) until `clear`, or until `lifetime`
     (ISO 8601) has passed, so that a deploy killed in between leaves nothing banned for long."""
     conn.run(f"crm_resource --resource {shlex.quote(resource)} --ban --node {shlex.quote(node)} "
+             f"--lifetime {shlex.quote(lifetime)} --quiet", timeout=30)
+
+
+def move_promoted(conn: remote.Connection, resource: str, node: str, lifetime: str = BAN_LIFETIME) -> None:
+    """Have Pacemaker promote the promotable clone `resource` on `node` (demoting the promoted instance
+    elsewhere first), until `clear` or `lifetime`, as `ban` does."""
+    conn.run(f"crm_resource --resource {shlex.quote(resource)} --move --promoted --node {shlex.quote(node)} "
              f"--lifetime {shlex.quote(lifetime)} --quiet", timeout=30)
 
 
@@ -211,9 +239,42 @@ def crm_mon_error(root: ET.Element) -> str | None:
     return "; ".join(errors) or status.get("message")
 
 
+# Pacemaker's durations (crm_get_msec): a number with an optional unit, seconds when it has none
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|msec|s|sec|m|min|h|hr)?\s*$")
+_UNIT_S = {"ms": 0.001, "msec": 0.001, "s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "hr": 3600.0}
+
+
+def duration_s(text: str) -> float | None:
+    """An op's interval or timeout as the CIB spells it ("2s", "500ms", "1min", "10"), in seconds; None when it
+    is not one of those spellings (ISO 8601 is not read)."""
+    match = _DURATION.match(text)
+    if match is None:
+        return None
+    return float(match.group(1)) * _UNIT_S[match.group(2) or "s"]
+
+
+def op_timing(xml_text: str, op_id: str) -> OpTiming | None:
+    """The interval and timeout of the <op id=op_id> of a CIB (or its resources section); None when it has no
+    such op or spells either in a way duration_s does not read."""
+    op = ET.fromstring(xml_text).find(f".//op[@id='{op_id}']")
+    if op is None:
+        return None
+    # an op without a timeout has Pacemaker's default, 20 s
+    interval, timeout = duration_s(op.get("interval", "0")), duration_s(op.get("timeout", "20s"))
+    if interval is None or timeout is None:
+        return None
+    return OpTiming(interval_s=interval, timeout_s=timeout)
+
+
 def failed_operations(xml_text: str) -> list[tuple[str | None, str]]:
     """(node, op_key) of every failed operation crm_mon's XML records (its <failure> elements)."""
     return [(f.get("node"), f.get("op_key") or "") for f in ET.fromstring(xml_text).iter("failure")]
+
+
+def fencing_pending(xml_text: str, node: str) -> bool:
+    """Whether `stonith_admin --history`'s XML has an action against `node` still under way."""
+    return any(e.get("target") == node and e.get("status") == "pending"
+               for e in ET.fromstring(xml_text).iter("fence_event"))
 
 
 def node_list(nodes: list[str]) -> str:

@@ -1,10 +1,11 @@
 """The messages congress nodes exchange with each other and with congressctl: one dataclass per payload, shared
 by the writer (which builds it and sends `to_dict()`) and every reader (which calls `from_dict`).
 
-Two payloads: the heartbeat each node publishes on the bus (`PeHeartbeat`, `DsdHeartbeat`) and the api-pe's
-`GET /v1/status` answer (`ApiPeStatus`). The JSON is the one nodes have always sent, so nodes of different
-versions understand each other: `from_dict` ignores keys it does not know and gives a missing optional key
-its default; a missing required key, or a part that is not a JSON object or list, raises TypeError.
+Three payloads: the heartbeat each node publishes on the bus (`PeHeartbeat`, `DsdHeartbeat`), the api-pe's
+`GET /v1/status` answer (`ApiPeStatus`) and the DSD's liveness file (`DsdLiveness`, read by its OCF agent).
+The JSON is the one nodes have always sent, so nodes of different versions understand each other: `from_dict`
+ignores keys it does not know and gives a missing optional key its default; a missing required key, or a part
+that is not a JSON object or list, raises TypeError.
 No third-party imports: `congressctl status` reads these on the operator's machine.
 """
 
@@ -50,6 +51,18 @@ class _Flat:
     @classmethod
     def from_dict(cls, data: Any) -> Self:
         return cls(**_known(cls, data))
+
+
+# ---------------------------------------------------------------------------------------------- requests
+
+
+@dataclass
+class RefreshRequest(_Flat):
+    """An api-pe asks the DSD to poll a datasource now (POST /v1/data-sources/{ds}?action=request-refresh); sent
+    on the action channel, where the DSD hears every request from the PEs."""
+
+    refresh: str          # the datasource's id
+    pe: str = ""
 
 
 # ---------------------------------------------------------------------------------------------- heartbeats
@@ -162,6 +175,27 @@ class DsdHeartbeat:
         return cls(**known)
 
 
+# ---------------------------------------------------------------------------------------------- liveness
+
+
+@dataclass
+class DsdLiveness(_Flat):
+    """What the DSD writes to its liveness file at every turn of its loop (atomically, one JSON line). Its OCF
+    agent is shell: it reads the file's age (a paused or hung DSD writes nothing), `pid`, `epoch` (None: not
+    serving yet) and `problem` (why this DSD must not run on this host, e.g. its bus is unreachable from here;
+    None: it may), with `stale_after_s` the age past which the DSD counts as hung (whole seconds: the agent
+    compares file times in seconds)."""
+
+    node: str
+    inc: str
+    pid: int
+    ts: float
+    stale_after_s: int
+    epoch: int | None = None
+    bus_silent_s: float = 0.0
+    problem: str | None = None
+
+
 # ---------------------------------------------------------------------------------------------- /v1/status
 
 
@@ -269,3 +303,19 @@ class ApiPeStatus:
 
     def table(self, name: str) -> TableView | None:
         return next((t for t in self.tables if t.table == name), None)
+
+
+@dataclass(frozen=True)
+class TokenHash:
+    """One token as a host knows it: a name (for the operator), its role, the sha256 of its text (hex)."""
+
+    name: str
+    role: str
+    sha256: str
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "role": self.role, "sha256": self.sha256}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TokenHash:
+        return cls(name=str(data["name"]), role=str(data["role"]), sha256=str(data["sha256"]))

@@ -15,12 +15,17 @@ from typing import Any
 
 import jinja2
 
+from congressctl import tls
 from congressctl.files import atomic_write
 from congressctl.inventory import Inventory, Node
+from congressctl.payloads import TokenHash
 
 CIB_PATH = "/etc/congressctl/cib.xml"
+REDIS_CONF_PATH = "/etc/congressctl/redis.conf"
 OCF_DIR = "/usr/lib/ocf/resource.d/congressctl"
 SBIN_DIR = "/opt/congressctl/sbin"
+CLUSTER_SCRIPT = f"{SBIN_DIR}/congressctl-cluster"
+FENCE_AGENT_DIR = "/usr/sbin"
 
 
 @dataclass(frozen=True)
@@ -29,6 +34,8 @@ class Secrets:
 
     bus_password: str
     corosync_authkey: bytes
+    api_tokens: tuple[TokenHash, ...] = ()   # only their hashes: what the node config carries
+    tls: tls.Material | None = None
 
 
 @dataclass(frozen=True)
@@ -71,7 +78,7 @@ def render_template(name: str, **context: Any) -> str:
 
 
 def _context(inv: Inventory) -> dict:
-    return {"inv": inv, "inventory_name": inv.path.name}
+    return {"inv": inv, "inventory_name": inv.path.name, "tls": tls}
 
 
 def render_cib(inv: Inventory) -> bytes:
@@ -126,21 +133,43 @@ def render_node(inv: Inventory, node: Node, secrets: Secrets | None = None) -> l
         RenderedFile("/etc/corosync/corosync.conf", render_template("corosync.conf.j2", **ctx).encode()),
         RenderedFile("/etc/haproxy/haproxy.cfg", render_template("haproxy.cfg.j2",
             **ctx, api_nodes=inv.with_role("api-pe")).encode()),
-        RenderedFile("/etc/congressctl/congress.yaml", render_template("congress.yaml.j2", **ctx).encode()),
+        RenderedFile("/etc/congressctl/congress.yaml", render_template("congress.yaml.j2", **ctx,
+            api_tokens=[t.to_dict() for t in secrets.api_tokens] if secrets else []).encode()),
         RenderedFile(CIB_PATH, render_cib(inv)),
     ]
     if node.has("bus"):
         password = secrets.bus_password if secrets else None
         bus_nodes = len(inv.with_role("bus"))
-        files.append(RenderedFile("/etc/congressctl/redis.conf",
+        files.append(RenderedFile(REDIS_CONF_PATH,
                                   render_template("redis.conf.j2", **ctx, password=password,
                                                   multi_bus=bus_nodes > 1, bus_nodes=bus_nodes).encode(),
                                   mode=0o600, owner="redis", secret=secrets is not None))
     files.extend(programs())
+    files.extend(fence_agents(inv))
     if secrets:
         files.append(RenderedFile("/etc/corosync/authkey", secrets.corosync_authkey, mode=0o400, secret=True))
         files.append(RenderedFile("/etc/congressctl/bus.password", secrets.bus_password.encode(), mode=0o600,
                                   secret=True))
+    if secrets and secrets.tls:
+        files.extend(tls_files(inv, node, secrets.tls))
+    return files
+
+
+def tls_files(inv: Inventory, node: Node, material: tls.Material) -> list[RenderedFile]:
+    """The certificates and keys a node needs: the API's on every node (any may hold the VIP), the bus's on the
+    bus nodes; the CA files everywhere (every node's clients verify with them)."""
+    files = []
+    if inv.api_tls.enabled:
+        api = material.api
+        files += [RenderedFile(tls.API_CA, material.api_ca),
+                  RenderedFile(tls.API_CERT, api.cert),
+                  RenderedFile(tls.API_KEY, api.key, mode=0o600, secret=True),
+                  RenderedFile(tls.API_PEM, api.cert.rstrip(b"\n") + b"\n" + api.key, mode=0o600, secret=True)]
+    if material.bus and material.bus_ca:
+        files.append(RenderedFile(tls.BUS_CA, material.bus_ca))
+        if node.has("bus"):
+            files += [RenderedFile(tls.BUS_CERT, material.bus.cert, owner="redis"),
+                      RenderedFile(tls.BUS_KEY, material.bus.key, mode=0o600, owner="redis", secret=True)]
     return files
 
 
@@ -153,6 +182,14 @@ def programs() -> list[RenderedFile]:
         files += [RenderedFile(f"{target}/{p.name}", p.read_bytes(), mode=0o755)
                   for p in sorted(source.iterdir()) if p.is_file() and not p.name.startswith(".")]
     return files
+
+
+def fence_agents(inv: Inventory) -> list[RenderedFile]:
+    """The fence agents shipped in templates/fence/ that the inventory's fence devices use, where Pacemaker's
+    fencer looks for them."""
+    used = {device.agent for device in inv.pacemaker.devices}
+    return [RenderedFile(f"{FENCE_AGENT_DIR}/{p.name}", p.read_bytes(), mode=0o755)
+            for p in sorted((templates_dir() / "fence").iterdir()) if p.name in used]
 
 
 def render_all(inv: Inventory, secrets: Secrets | None = None) -> dict[str, list[RenderedFile]]:

@@ -20,8 +20,8 @@ from typing import Any
 
 import httpx
 
-from congressctl import haproxy, pacemaker, remote
-from congressctl.errors import RemoteError, StatusError
+from congressctl import auth, haproxy, pacemaker, remote, tls
+from congressctl.errors import RemoteError, StatusError, TlsError
 from congressctl.haproxy import SOCKET as HAPROXY_SOCKET
 from congressctl.haproxy import Backend, parse_stat
 from congressctl.inventory import Inventory, Node
@@ -223,11 +223,15 @@ def _unprefixed(error: str | None, node: Node) -> str:
 def _sample_host(inv: Inventory, node: Node, accept_new: bool, timeout: float) -> HostSample:
     token = secrets.token_hex(8)
     budget = min(PROBE_TIMEOUT_S, timeout)
-    command = probe_command(token, _api_url(inv, node), budget, bus=_bus_probe(inv, node, budget))
+    api_url = _api_url(inv, node)
+    api_token = auth.admin_token(inv) if api_url else None
+    command = probe_command(token, api_url, budget, bus=_bus_probe(inv, node, budget), api_header=bool(api_token),
+                            cacert=tls.API_CA if inv.api_tls.enabled else None)
     with remote.Connection(remote.host_of(inv, node), remote.known_hosts_of(inv), accept_new=accept_new,
                            connect_timeout=timeout, io_timeout=timeout) as conn:
         try:
-            result = conn.run(command, timeout=timeout, check=False)
+            result = conn.run(command, timeout=timeout, check=False,
+                              input=auth.curl_header(api_token) if api_token else None)
         except RemoteError as exc:
             error = exc.message.replace(f"`{command}`", "the status probes")
             return HostSample(HostStatus(name=node.name, address=node.address, reachable=True, error=error))
@@ -235,16 +239,22 @@ def _sample_host(inv: Inventory, node: Node, accept_new: bool, timeout: float) -
 
 
 def _api_url(inv: Inventory, node: Node) -> str | None:
-    return f"http://{node.address}:{inv.api_port}/v1/status" if node.has("api-pe") else None
+    return f"{inv.api_url(node.address)}/v1/status" if node.has("api-pe") else None
 
 
 def _bus_probe(inv: Inventory, node: Node, budget: float) -> str | None:
-    """`INFO replication` of the host's own Redis, with the password from its 0600 file (never on a command
-    line, where `ps` would show it)."""
+    """`INFO replication` of the host's own Redis."""
     if not node.has("bus"):
         return None
+    return bus_command(node.address, inv.bus.port, "INFO replication", budget=budget, tls_on=inv.bus.tls)
+
+
+def bus_command(address: str, port: int, command: str, *, budget: float, tls_on: bool = False) -> str:
+    """A shell command sending `command` to the Redis at `address`, with the password from the host's 0600 file
+    (never on a command line, where `ps` would show it), over TLS verified by the cluster CA when `tls_on`."""
+    secure = f"--tls --cacert {tls.BUS_CA} " if tls_on else ""
     return (f'REDISCLI_AUTH="$(cat {BUS_PASSWORD_FILE})" timeout {budget:g} redis-cli --no-auth-warning '
-            f"-h {shlex.quote(node.address)} -p {inv.bus.port} INFO replication")
+            f"{secure}-h {shlex.quote(address)} -p {port} {command}")
 
 
 def read_sample(inv: Inventory, node: Node, stdout: str, token: str) -> HostSample:
@@ -260,9 +270,12 @@ def read_sample(inv: Inventory, node: Node, stdout: str, token: str) -> HostSamp
     return sample
 
 
-def probe_command(token: str, api_url: str | None, budget: float, *, bus: str | None = None) -> str:
+def probe_command(token: str, api_url: str | None, budget: float, *, bus: str | None = None,
+                  api_header: bool = False, cacert: str | None = None) -> str:
     """One POSIX shell command: run the probes in parallel, then print each one's exit status, stdout and
-    stderr between lines `@@TOKEN NAME rc=N` and `@@TOKEN NAME stderr`."""
+    stderr between lines `@@TOKEN NAME rc=N` and `@@TOKEN NAME stderr`. With `api_header`, the command's stdin
+    is the API request's auth header (auth.curl_header): kept in the probes' private folder and given to curl
+    on its stdin, so the API token is on no command line."""
     probes = {
         "crm_mon": f"timeout {budget:g} {pacemaker.CRM_MON}",
         # a socket left by an HAProxy that moved away refuses connections: only ask a running one
@@ -270,12 +283,17 @@ def probe_command(token: str, api_url: str | None, budget: float, *, bus: str | 
                     + haproxy.socket_command("show stat", budget)),
     }
     if api_url:
-        probes["api"] = f"curl -sS -m {min(API_TIMEOUT_S, budget):g} {shlex.quote(api_url)}"
+        header = "-H @- " if api_header else ""
+        verify = f"--cacert {shlex.quote(cacert)} " if cacert else ""
+        probes["api"] = f"curl -sS -m {min(API_TIMEOUT_S, budget):g} {verify}{header}{shlex.quote(api_url)}"
     if bus:
         probes["bus"] = bus
     lines = ['d=$(mktemp -d) || exit 1', "trap 'rm -rf \"$d\"' EXIT"]
+    if api_url and api_header:
+        lines.append('cat >"$d/auth"')
     for name, command in probes.items():
-        lines.append(f'(sh -c {shlex.quote(command)} >"$d/{name}.out" 2>"$d/{name}.err"; '
+        stdin = ' <"$d/auth"' if name == "api" and api_header else ""
+        lines.append(f'(sh -c {shlex.quote(command)}{stdin} >"$d/{name}.out" 2>"$d/{name}.err"; '
                      f'echo $? >"$d/{name}.rc") &')
     lines.append("wait")
     for name in probes:
@@ -401,10 +419,13 @@ def _last_line(text: str) -> str:
 def check_api(inv: Inventory) -> ApiStatus:
     """GET /healthz through the VIP from this machine. Proxy variables are ignored on purpose: the VIP is on
     the cluster's own network, and a proxy's answer would say nothing about it."""
-    api = ApiStatus(url=f"http://{inv.vip.address}:{inv.api_port}/healthz")
+    api = ApiStatus(url=f"{inv.api_url()}/healthz")
     started = time.monotonic()
     try:
-        response = httpx.get(api.url, timeout=API_TIMEOUT_S, trust_env=False)
+        response = httpx.get(api.url, timeout=API_TIMEOUT_S, trust_env=False, verify=tls.client_verify(inv))
+    except TlsError as exc:
+        api.error = exc.message
+        return api
     except httpx.ConnectError as exc:
         api.error = f"cannot connect: {exc}"
         return api

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
 
+from congressctl import tls
 from congressctl.errors import ToolFailedError, ToolMissingError, ToolTimeoutError
+from congressctl.files import atomic_write
 from congressctl.inventory import Inventory
 from congressctl.pacemaker import Placement, node_list, parse_crm_mon, placement_problems
 from congressctl.render import RenderedFile
@@ -90,19 +92,37 @@ def check_corosync(conf: bytes, address: str, node: str) -> CheckResult:
 
 
 def check_haproxy(cfg: bytes, node: str) -> CheckResult:
-    with tempfile.NamedTemporaryFile(prefix="cctl-haproxy-", suffix=".cfg") as fh:
-        fh.write(cfg)
-        fh.flush()
-        proc = _run(["haproxy", "-c", "-f", fh.name])
+    """haproxy -c loads the certificate files the config names, which live on the hosts only: the check reads
+    the config with its TLS folder pointed at throwaway certificates of the same names."""
+    with tempfile.TemporaryDirectory(prefix="cctl-haproxy-") as tmp:
+        path = Path(tmp) / "haproxy.cfg"
+        path.write_bytes(cfg.replace(tls.TLS_DIR.encode(), f"{tmp}/tls".encode()))
+        _test_certificates(Path(tmp) / "tls")
+        proc = _run(["haproxy", "-c", "-f", str(path)])
     return CheckResult("haproxy -c", f"{node}/haproxy.cfg", proc.returncode == 0,
                        "" if proc.returncode == 0 else f"exit {proc.returncode}: {_tail(proc)}")
 
 
-def check_cib(cib: bytes) -> CheckResult:
-    with tempfile.NamedTemporaryFile(prefix="cctl-cib-", suffix=".xml") as fh:
-        fh.write(cib)
-        fh.flush()
-        proc = _run(["crm_verify", "--xml-file", fh.name])
+def _test_certificates(folder: Path) -> None:
+    ca = tls.make_ca("check", days=1)
+    api = tls.issue(ca, name="check", addresses=["127.0.0.1"], days=1)
+    for target, data in ((tls.API_CA, ca.cert), (tls.API_PEM, api.cert + api.key), (tls.API_CERT, api.cert),
+                         (tls.API_KEY, api.key)):
+        atomic_write(folder / Path(target).name, data, 0o600)
+
+
+def check_cib(cib: bytes, up: Sequence[str] = ()) -> CheckResult:
+    """crm_verify on the CIB as a quorate cluster holds it, the `up` nodes online (crm_simulate -u): with an empty
+    status every node is unclean, which with stonith-enabled is a warning (exit 78) on any CIB. A CIB that
+    crm_simulate cannot read is verified as it is, so that crm_verify names what is wrong with it."""
+    with tempfile.TemporaryDirectory(prefix="cctl-cib-") as tmp:
+        path, online = Path(tmp) / "cib.xml", Path(tmp) / "online.xml"
+        path.write_bytes(cib)
+        if up:
+            argv = ["crm_simulate", "-x", str(path), "-q", "true", "-O", str(online)]
+            if _run([*argv, *(a for node in up for a in ("-u", node))]).returncode == 0 and online.exists():
+                path = online
+        proc = _run(["crm_verify", "--xml-file", str(path)])
     return CheckResult("crm_verify", "cib.xml", proc.returncode == 0,
                        "" if proc.returncode == 0 else f"exit {proc.returncode}: {_tail(proc)}")
 
@@ -186,7 +206,7 @@ def verify_all(inv: Inventory, rendered: dict[str, list[RenderedFile]], cib: byt
         files = {f.name: f.content for f in rendered[node.name]}
         results.append(check_corosync(files["corosync.conf"], node.address, node.name))
         results.append(check_haproxy(files["haproxy.cfg"], node.name))
-    cib_result = check_cib(cib)
+    cib_result = check_cib(cib, [n.name for n in inv.nodes])
     results.append(cib_result)
     if cib_result.ok:
         results.extend(check_placements(inv, cib))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import ssl
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from congressctl import auth, tls
 from congressctl.inventory import Inventory, load_inventory
 
 CLI = [str(Path(__file__).resolve().parent.parent / ".venv" / "bin" / "congressctl")]
@@ -22,12 +24,27 @@ class LabCluster:
     inv: Inventory
     first_deploy: dict
 
+    @property
+    def headers(self) -> dict[str, str]:
+        """The API's admin token, from the lab's state dir where deploy made it."""
+        return auth.headers(auth.require_admin_token(self.inv))
+
+    @property
+    def verify(self) -> ssl.SSLContext | bool:
+        """httpx's `verify` for the lab's API (its cluster CA, with api.tls on)."""
+        return tls.client_verify(self.inv)
+
 
 def retimed_inventory(cluster: LabCluster, folder: Path, **timings: object) -> Path:
-    """The lab's inventory with other timings (so every congress.yaml changes), written to FOLDER under the
-    lab's file name (the name is in every rendered file's first line), its paths made absolute."""
+    """The lab's inventory with other timings (so every congress.yaml changes): see inventory_with."""
+    return inventory_with(cluster, folder, "timings", **timings)
+
+
+def inventory_with(cluster: LabCluster, folder: Path, section: str, **values: object) -> Path:
+    """The lab's inventory with other `values` in `section`, written to FOLDER under the lab's file name (the
+    name is in every rendered file's first line), its paths made absolute."""
     data = yaml.safe_load(cluster.inventory_path.read_text())
-    data.setdefault("timings", {}).update(timings)
+    data.setdefault(section, {}).update(values)
     for key in ("key", "known_hosts"):
         data["ssh"][key] = str((cluster.inventory_path.parent / data["ssh"][key]).resolve())
     data["state_dir"] = str((cluster.inventory_path.parent / data.get("state_dir", ".congressctl-state")).resolve())

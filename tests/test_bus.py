@@ -125,10 +125,80 @@ def test_pushed_rows_carry_a_version_in_store_and_notice(redis_server):
         return never, notices, latest, left
     never, notices, latest, left = run(go())
     assert never == (0, [])
-    assert notices == [{"ds_id": "d1", "table": "t", "v": 1, "rows": [[1], [2]]},
-                       {"ds_id": "d1", "table": "t", "v": 2, "rows": [[3]]}]
+    # a replace is published as its difference against the previous push (issue 15)
+    for n in notices:
+        n["add"].sort()
+        n["del"].sort()
+    assert notices == [{"ds_id": "d1", "table": "t", "v": 1, "n_add": 2, "n_del": 0, "add": [[1], [2]], "del": []},
+                       {"ds_id": "d1", "table": "t", "v": 2, "n_add": 1, "n_del": 2, "add": [[3]],
+                        "del": [[1], [2]]}]
     assert latest == (2, [(3,)])
     assert left == []
+
+
+async def _large_feed(redis_server) -> tuple:
+    """A client, a store with datasource "feed" (table t, two columns), and 25k rows for it (more than CHUNK_ROWS)."""
+    r = client_for(redis_server)
+    store = Store(r, Channels("c"))
+    ds = {"id": "d1", "name": "feed", "config": {"tables": {"t": {"columns": ["a", "b"]}}}}
+    await store.create_datasource(ds)
+    return r, store, ds, [[f"h{i}", "x"] for i in range(25_000)]
+
+
+def test_a_large_push_is_diffed_in_pieces_and_a_push_meanwhile_is_not_lost(redis_server):
+    """A push of more than CHUNK_ROWS rows, or onto a table that large, has its difference computed in bounded
+    steps (no SDIFFSTORE stopping Redis); the switch stays one script, redone when another push came between."""
+    async def go():
+        r, store, ds, first = await _large_feed(redis_server)
+        assert await store.push_rows(ds, "t", first) == 1
+        second = [*first[:-3], ["new", "1"], ["new", "2"]]
+        assert await store.push_rows(ds, "t", second) == 2
+        diff2 = await store.push_diff("d1", "t", 2)
+        few = [["only", "one"]]   # few rows onto a large table: staged too
+        assert await store.push_rows(ds, "t", few) == 3
+        diff3 = await store.push_diff("d1", "t", 3)
+        # another push lands while a large one computes its difference: the large one diffs again against it
+        original = store._diff_in_pieces
+        other = Store(client_for(redis_server), Channels("c"))
+        interfered = []
+
+        async def diff_with_a_push_between(source, against, out):
+            if not interfered:
+                interfered.append(await other.push_rows(ds, "t", [["x", "y"]]))
+            await original(source, against, out)
+        store._diff_in_pieces = diff_with_a_push_between
+        assert await store.push_rows(ds, "t", first) == 5
+        diff5 = await store.push_diff("d1", "t", 5)
+        latest = await store.pushed_rows("d1", "t")
+        left = await r.keys("congress:c:pushtmp*")
+        await r.aclose(), await other.redis.aclose()
+        return diff2, diff3, interfered, diff5, latest, left
+    diff2, diff3, interfered, diff5, latest, left = run(go())
+    assert sorted(diff2[0]) == [row_key(["new", "1"]), row_key(["new", "2"])]
+    assert sorted(diff2[1]) == sorted(row_key([f"h{i}", "x"]) for i in range(24_997, 25_000))
+    assert diff3[0] == [row_key(["only", "one"])] and len(diff3[1]) == 24_999
+    assert interfered == [4]
+    assert diff5[1] == [row_key(["x", "y"])] and len(diff5[0]) == 25_000
+    assert latest[0] == 5 and len(latest[1]) == 25_000
+    assert left == []
+
+
+def test_keys_staged_then_renamed_into_place_do_not_expire(redis_server):
+    """Staged rows expire (a push or publication that failed midway leaves nothing for good), and RENAME carries
+    the TTL along: the pushed rows, their log entry and the snapshot must not take it with them."""
+    async def go():
+        r, store, ds, first = await _large_feed(redis_server)
+        await store.push_rows(ds, "t", first)
+        await store.push_rows(ds, "t", [*first[:12_000], *([f"n{i}", "y"] for i in range(12_000))])
+        keys = {k: await r.ttl(k) for k in await r.keys("congress:c:push*")}
+        rows = {row_key(x) for x in first}
+        assert await store.publish_table("d1", "feed", "t", 1, 1, [], [], True, new_rows=rows)
+        keys[store.k_snap("d1", "t")] = await r.ttl(store.k_snap("d1", "t"))
+        await r.aclose()
+        return keys
+    keys = run(go())
+    assert {k.rsplit(":", 1)[-1] for k in keys} >= {"t", "add", "del"} and len(keys) >= 5
+    assert all(ttl == -1 for ttl in keys.values()), keys
 
 
 def test_policy_and_rule_writes_are_atomic_with_notices(redis_server):
@@ -253,6 +323,26 @@ def test_a_silent_subscription_is_cut_and_made_again(redis_server):
         finally:
             redis_server.proc.send_signal(signal.SIGCONT)
         await until(lambda: a.bus.connected and a.connects == 2)
+        await a.stop(tasks)
+    run(go())
+
+
+def test_a_reader_stuck_in_a_handler_is_cut_and_the_bus_subscribes_again(redis_server):
+    """A handler that never returns (any future bug of the owner's) must not wedge the node: the reader reads
+    nothing more, so the watchdog ends the session after silent_limit, and the bus subscribes again."""
+    async def go():
+        a = Probe(redis_server, "a")
+        never = asyncio.Event()
+
+        async def stuck_on_notice(channel, data):
+            if channel == a.bus.channels.notice:
+                await never.wait()
+            a.messages.append((channel, data))
+        a.bus.on_message = stuck_on_notice
+        tasks = a.start()
+        await until(lambda: a.bus.connected and a.connects == 1)
+        await a.bus.publish(a.bus.channels.notice, {"wedge": 1})
+        await until(lambda: a.connects == 2 and alive(a.bus) == {"a"})
         await a.stop(tasks)
     run(go())
 

@@ -8,6 +8,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,7 +94,7 @@ def bus(tmp_path: Path):
         yield m, master, a, b, agents
     finally:
         for agent in agents.values():
-            agent.run("stop")       # a frozen one too: stop sends SIGCONT first
+            agent.run("stop")       # a frozen one too: stop SIGKILLs it
         if master.poll() is None:
             master.kill()
         master.wait(timeout=5)
@@ -186,3 +187,114 @@ def test_after_a_promotion_replicas_follow_the_new_master_at_once_and_a_switchov
     promoted = agents["b"].run("promote")
     assert promoted.returncode == OCF_SUCCESS, promoted.stderr
     assert [i for i in range(50) if b.client().get(f"through-a-{i}") != str(i)] == []
+
+
+def test_a_frozen_redis_fails_its_monitor_within_the_monitor_timeout_and_stop_ends_it(bus) -> None:
+    """bus-pause: a SIGSTOPped redis-server still has its pid, but its monitor fails within the timeouts the
+    CIB gives (5 s promoted, 10 s unpromoted), and stop ends it well within its 30 s, so that with fencing on
+    no failed stop fences the host."""
+    m, master, a, b, agents = bus
+    master.kill()
+    master.wait(timeout=5)
+    assert agents["a"].run("promote").returncode == OCF_SUCCESS
+    for name, limit in (("a", 5.0), ("b", 10.0)):
+        pid = agents[name].pid
+        os.kill(pid, signal.SIGSTOP)
+        begun = time.monotonic()
+        failed = agents[name].run("monitor")
+        assert failed.returncode == OCF_ERR_GENERIC, failed.stderr
+        assert time.monotonic() - begun < limit - 1, f"{name}'s monitor must end within its timeout"
+        assert "does not answer INFO" in failed.stderr
+        begun = time.monotonic()
+        assert agents[name].run("stop").returncode == OCF_SUCCESS
+        assert time.monotonic() - begun < 10
+        wait_for(lambda: not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z",
+                 2, what=f"{name}'s redis-server gone")
+        assert agents[name].run("monitor").returncode == OCF_NOT_RUNNING
+
+
+def test_a_frozen_master_is_killed_by_its_demote_at_once_and_the_next_promotion_keeps_every_acknowledged_write(
+        bus) -> None:
+    """bus-pause, fast: a master that does not answer PING within a second is SIGKILLed by its demote (not
+    failed after the monitor's INFO timeout, then stopped gracefully): its stop is then immediate, and a replica
+    that acknowledged every write is promoted with all of them."""
+    m, master, a, b, agents = bus
+    master.kill()
+    master.wait(timeout=5)
+    assert agents["a"].run("promote").returncode == OCF_SUCCESS
+    agents["b"].env.update({"OCF_RESKEY_CRM_meta_notify_type": "post", "OCF_RESKEY_CRM_meta_notify_operation":
+                            "promote", "OCF_RESKEY_CRM_meta_notify_promote_uname": "a"})
+    assert agents["b"].run("notify").returncode == OCF_SUCCESS
+    wait_for(lambda: b.replication()["master_link_status"] == "up", 10, what="B following A")
+    writer = a.client()
+    for i in range(20):
+        writer.set(f"acked-{i}", i)
+        assert writer.execute_command("WAIT", 1, 2000) == 1
+    pid = agents["a"].pid
+    os.kill(pid, signal.SIGSTOP)
+    begun = time.monotonic()
+    demoted = agents["a"].run("demote")
+    assert demoted.returncode == OCF_SUCCESS, demoted.stderr
+    assert time.monotonic() - begun < 2.5, "a frozen master's demote ends it within about a second"
+    wait_for(lambda: not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z",
+             2, what="a's redis-server gone")
+    assert agents["a"].run("monitor").returncode == OCF_NOT_RUNNING
+    begun = time.monotonic()
+    assert agents["a"].run("stop").returncode == OCF_SUCCESS
+    assert time.monotonic() - begun < 1.0
+    promoted = agents["b"].run("promote")
+    assert promoted.returncode == OCF_SUCCESS, promoted.stderr
+    assert [i for i in range(20) if b.client().get(f"acked-{i}") != str(i)] == []
+
+
+def test_a_frozen_replica_is_killed_by_its_stop_within_a_second_or_two(bus) -> None:
+    _, _, a, _, agents = bus
+    pid = agents["a"].pid
+    os.kill(pid, signal.SIGSTOP)
+    begun = time.monotonic()
+    assert agents["a"].run("stop").returncode == OCF_SUCCESS
+    assert time.monotonic() - begun < 2.5
+    assert agents["a"].run("monitor").returncode == OCF_NOT_RUNNING
+
+
+def _garble_the_increment(aof: Path) -> Path:
+    """A partial command in the middle of the last increment: what a write cut short by a full disk leaves."""
+    increment = max(aof.glob("*.incr.aof"), key=lambda p: p.stat().st_size)
+    data = increment.read_bytes()
+    increment.write_bytes(data[:len(data) // 2] + b"*3\r\n$3\r\nSET\r\n$2\r\nzz" + data[len(data) // 2:])
+    return increment
+
+
+def _garble_the_manifest(aof: Path) -> Path:
+    manifest = aof / "appendonly.aof.manifest"
+    manifest.write_bytes(manifest.read_bytes() + b"not a manifest line\n")
+    return manifest
+
+
+@pytest.mark.parametrize("garble,repaired", [(_garble_the_increment, True), (_garble_the_manifest, False)])
+def test_a_replica_whose_aof_cannot_load_starts_keeping_it_aside_and_resyncs_from_the_master(
+        bus, garble, repaired) -> None:
+    """A node whose AOF was garbled (bus-node-fail after disk-full) still starts its bus instance: from what
+    redis-check-aof --fix makes of the AOF, else empty, with the original kept; either way it resyncs."""
+    m, master, a, b, agents = bus
+    writer = m.client()
+    for i in range(20):
+        writer.set(f"before-{i}", i)
+    assert writer.execute_command("WAIT", 2, 2000) == 2
+    assert agents["a"].run("stop").returncode == OCF_SUCCESS
+    garbled = garble(a.dir / "appendonlydir")
+    original = garbled.read_bytes()
+    writer.set("while-a-was-down", "1")
+
+    started = agents["a"].run("start")
+    assert started.returncode == OCF_SUCCESS, started.stderr
+    [kept] = a.dir.glob("appendonlydir.corrupt-*")
+    assert (kept / garbled.name).read_bytes() == original
+    assert (a.dir / "appendonlydir").is_dir()
+    log = (a.dir / "redis.log").read_text()
+    assert (f"the original is kept as {kept}" in log, f"moved aside to {kept}" in log) == (repaired, not repaired)
+    wait_for(lambda: a.replication()["master_link_status"] == "up", 15, what="A back in sync")
+    reader = a.client()
+    assert [i for i in range(20) if reader.get(f"before-{i}") != str(i)] == []
+    assert reader.get("while-a-was-down") == "1"
+    assert agents["a"].run("monitor").returncode == OCF_SUCCESS

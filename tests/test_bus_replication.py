@@ -22,7 +22,7 @@ from congressctl.bus import Channels
 from congressctl.errors import NotReplicatedError
 from congressctl.node.store import REPLICA_WAIT_MS, Store
 from congressctl.status import HostProbe
-from fixtures_redis import NodeCluster, RedisServer, http_json, wait_for
+from fixtures_redis import ADMIN_TOKEN, NodeCluster, RedisServer, http_json, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -35,6 +35,10 @@ def _replica_of(master: RedisServer, tmp_path_factory) -> RedisServer:
     replica.start()
     wait_for(lambda: replica.client().info("replication").get("master_link_status") == "up", 15,
              what="replica linked to its master")
+    # the link is up before the master has its first acknowledgement: until then it counts no good replica and
+    # refuses writes under min-replicas-to-write (a loaded machine showed it)
+    wait_for(lambda: master.client().info("replication").get("min_slaves_good_slaves", 1) >= 1, 15,
+             what="the master counting the replica good")
     return replica
 
 
@@ -168,7 +172,7 @@ def test_api_refuses_unconfirmed_writes_and_reads_from_its_copy_while_the_bus_is
 
 
 def _get_with_headers(url: str) -> tuple[int, dict, httpx.Headers]:
-    response = httpx.get(url, timeout=5)
+    response = httpx.get(url, timeout=5, headers={"X-Auth-Token": ADMIN_TOKEN})
     return response.status_code, response.json(), response.headers
 
 
@@ -196,8 +200,12 @@ def _info_probe(server: RedisServer) -> HostProbe:
 
 def test_status_reads_the_bus_from_real_info_replication(master, replica, inv_with_bus) -> None:
     from congressctl import status
-    nodes = [status.read_bus_node("n1", _info_probe(master)), status.read_bus_node("n2", _info_probe(replica))]
-    bus = status.bus_status(inv_with_bus, nodes)
+    def read() -> tuple[list, object]:
+        nodes = [status.read_bus_node("n1", _info_probe(master)), status.read_bus_node("n2", _info_probe(replica))]
+        return nodes, status.bus_status(inv_with_bus, nodes)
+    # a replica just linked is in sync once it has acknowledged an offset (REPLCONF ACK, once a second)
+    nodes, bus = wait_for(lambda: (lambda got: got if got[1].in_sync == 1 else None)(read()), 10,
+                          what="the replica's first acknowledged offset")
     assert bus.promoted == ["n1"] and bus.in_sync == 1 and bus.replicated
     assert nodes[1].role == "replica" and nodes[1].link == "up" and nodes[1].lag_bytes == 0
     assert status.bus_problems(bus) == []

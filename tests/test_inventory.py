@@ -58,6 +58,33 @@ BAD = [
     ("unknown-role", "roles: [api-pe]\n", "roles: [api-pe, dns]\n", "api-pe, dns", "nodes[2].roles[1]",
      "not one of api-pe, dsd, bus"),
     ("misspelled-role", "roles: [api-pe]\n", "roles: [apipe]\n", "apipe", "nodes[2].roles[0]", "did you mean 'api-pe'"),
+    ("api-token-inline", "api: {port: 1789}", "api: {port: 1789, tokens: [{name: ci, role: admin, token: abc}]}",
+     "api:", "api.tokens[0].token", "never put an API token inline"),
+    ("api-token-no-source", "api: {port: 1789}", "api: {port: 1789, tokens: [{name: ci, role: admin}]}", "api:",
+     "api.tokens[0]", "give the token's file or its env"),
+    ("api-token-both-sources", "api: {port: 1789}",
+     "api: {port: 1789, tokens: [{name: ci, role: admin, file: t, env: T}]}", "api:", "api.tokens[0]",
+     "give the token's file or its env"),
+    ("api-token-bad-role", "api: {port: 1789}", "api: {port: 1789, tokens: [{name: ci, role: root, env: T}]}",
+     "api:", "api.tokens[0].role", "not one of admin, reader"),
+    ("api-token-generated-name", "api: {port: 1789}",
+     "api: {port: 1789, tokens: [{name: admin, role: reader, env: T}]}", "api:", "api.tokens[0].name",
+     "the token deploy generates"),
+    ("api-token-twice", "api: {port: 1789}",
+     "api: {port: 1789, tokens: [{name: ci, role: reader, env: T}, {name: ci, role: admin, env: U}]}", "api:",
+     "api.tokens[1].name", "listed twice"),
+    ("api-max-body-zero", "api: {port: 1789}", "api: {port: 1789, max_body_mb: 0}", "api:", "api.max_body_mb",
+     "must be a positive number"),
+    ("api-max-rows-zero", "api: {port: 1789}", "api: {port: 1789, max_rows_per_put: 0}", "api:",
+     "api.max_rows_per_put", "must be a positive number"),
+    ("api-max-rows-not-int", "api: {port: 1789}", "api: {port: 1789, max_rows_per_put: many}", "api:",
+     "api.max_rows_per_put", "expected int"),
+    ("allowed-url-host-prefix", "api: {port: 1789}", "api: {port: 1789}\ndatasources: {allowed_urls: ['http://10.0.0.5']}",
+     "datasources:", "datasources.allowed_urls[0]", "not a URL prefix that ends its host"),
+    ("allowed-url-not-http", "api: {port: 1789}", "api: {port: 1789}\ndatasources: {allowed_urls: ['ftp://h/']}",
+     "datasources:", "datasources.allowed_urls[0]", "not a URL prefix"),
+    ("allowed-urls-not-list", "api: {port: 1789}", "api: {port: 1789}\ndatasources: {allowed_urls: 'http://h/'}",
+     "datasources:", "datasources.allowed_urls", "expected a list"),
     ("duplicate-name", "  - name: n3", "  - name: n2", 9, "nodes[2].name",
      "duplicate node name 'n2'"),
     ("duplicate-address", "address: 10.213.0.13", "address: 10.213.0.12", 10, "nodes[2].address",
@@ -136,6 +163,19 @@ def test_good_inventory_loads(tmp_path: Path) -> None:
     assert inv.bus_address == "10.213.0.11"
     assert inv.api_port == 1789 and inv.timings.peer_timeout_ms == 1000
     assert any("fencing is disabled" in w for w in inv.warnings)
+
+
+def test_api_tokens_limits_and_allowed_urls_load_and_default_to_none_allowed(tmp_path: Path) -> None:
+    inv = parse_inventory(GOOD, tmp_path / "inv.yaml")
+    assert inv.api.tokens == () and inv.api.max_body_mb == 16 and inv.datasources.allowed_urls == ()
+    text = GOOD.replace("api: {port: 1789}", "api: {port: 1789, max_body_mb: 4, tokens: [\n"
+                        "    {name: ops, role: reader, file: ops.token}, {name: ci, role: admin, env: CI_TOKEN}]}\n"
+                        "datasources: {allowed_urls: ['http://10.213.0.1:', 'https://feeds.example/v2/']}")
+    inv = parse_inventory(text, tmp_path / "inv.yaml")
+    assert [(t.name, t.role, t.file, t.env) for t in inv.api.tokens] == [("ops", "reader", "ops.token", None),
+                                                                      ("ci", "admin", None, "CI_TOKEN")]
+    assert inv.api.max_body_mb == 4 and inv.api.max_rows_per_put is None
+    assert inv.datasources.allowed_urls == ("http://10.213.0.1:", "https://feeds.example/v2/")
 
 
 def test_there_are_at_least_thirty_bad_inventories() -> None:

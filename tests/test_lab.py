@@ -17,7 +17,9 @@ import paramiko
 import pytest
 import yaml
 
-from congressctl.errors import LabError
+from congressctl import lab as labmod
+from congressctl import powerswitch
+from congressctl.errors import LabError, PowerSwitchError
 from congressctl.inventory import load_inventory
 from congressctl.lab import Lab, check_capabilities, corosync_realtime, lab_down, lab_exec, lab_load, lab_status, lab_up
 from fixtures_lab import require_lab, session_lab_name
@@ -243,17 +245,29 @@ def test_non_root_is_refused_with_exit_code_2() -> None:
     assert "needs root" in str(refused.value)
 
 
+def _appeared(needle: str, timeout_s: float = 10.0) -> list[int]:
+    """The pids matching needle once there are any: the shell that starts a process in the background returns
+    before it has exec'd."""
+    deadline = time.monotonic() + timeout_s
+    while not (found := processes_matching(needle)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return found
+
+
 def test_down_stops_everything_and_leaves_nothing_behind(tmp_path: Path) -> None:
     require_lab()
     name = session_lab_name("d")
     lab = lab_up(2, name, tmp_path / "lab")
     marker = "4343.5"
     sh(lab, "n1", f"setsid sh -c \"trap '' TERM; exec sleep {marker}\" </dev/null >/dev/null 2>&1 &")
-    stubborn = processes_matching(f"sleep {marker}")
-    assert len(stubborn) == 1
-    pids = [h.pid for h in lab.hosts] + [r["sshd_pid"] for r in lab_status(name, lab.dir)] + stubborn
-
-    assert mount_namespaces_using(lab.dir)
+    stubborn = _appeared(f"sleep {marker}")
+    try:
+        assert len(stubborn) == 1
+        pids = [h.pid for h in lab.hosts] + [r["sshd_pid"] for r in lab_status(name, lab.dir)] + stubborn
+        assert mount_namespaces_using(lab.dir)
+    except AssertionError:
+        lab_down(name, lab.dir)     # no lab left behind for the rest of the suite
+        raise
 
     removed = lab_down(name, lab.dir)
 
@@ -340,3 +354,32 @@ def test_corosync_and_pacemaker_form_a_quorate_cluster_and_down_stops_them(tmp_p
     finally:
         lab_down(name, lab.dir)
     assert [pid for pid in cluster if running(pid)] == []
+
+
+def test_the_power_switch_cycles_a_host_keeping_its_disk_and_down_stops_it(tmp_path: Path) -> None:
+    require_lab()
+    name = session_lab_name("w")
+    lab = lab_up(2, name, tmp_path / "lab")
+    try:
+        switch = labmod.switch_status(name, lab.dir)
+        assert switch["running"] and switch["address"] == f"{lab.gateway}:{powerswitch.PORT}"
+        sh(lab, "n2", "echo kept > /etc/kept && echo kept > /var/lib/redis/kept && touch /tmp/gone && "
+                      f"ip addr add {lab.vip}/24 dev eth0")
+        before = lab.host("n2").pid
+
+        assert labmod.power(lab, "reboot", "n2").status == "on"
+
+        assert sh(lab, "n2", "cat /etc/kept /var/lib/redis/kept; ls /tmp") == "kept\nkept\n"   # lab_exec follows
+        assert lab.host("n2").pid != before and lab_load(name, lab.dir).host("n2").pid == lab.host("n2").pid
+        assert lab.vip not in sh(lab, "n2", "ip -o addr show dev eth0")
+        assert labmod.power(lab, "off", "n2").status == "off"
+        assert [r["alive"] for r in lab_status(name, lab.dir)] == [True, False]
+        assert labmod.power(lab, "status", "n2").status == "off"
+        with pytest.raises(PowerSwitchError, match="bad MAC"):
+            powerswitch.send(address=lab.gateway, key=b"guess", action="on", plug="n2")
+        assert labmod.power(lab, "on", "n2").status == "on"
+        assert ssh(lab, lab.host("n2").address, "hostname").stdout.strip() == "n2"
+    finally:
+        lab_down(name, lab.dir)
+    assert not running(switch["pid"])
+    assert str(lab.dir) not in Path("/proc/self/mountinfo").read_text()

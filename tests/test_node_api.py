@@ -13,7 +13,7 @@ import urllib.parse
 import pytest
 
 from congressctl.node.api_pe import DRAIN_S, IN_FLIGHT_S
-from fixtures_redis import wait_for
+from fixtures_redis import ADMIN_TOKEN, wait_for
 
 
 def push_ds(name, sink_url=None, tables=None):
@@ -21,14 +21,6 @@ def push_ds(name, sink_url=None, tables=None):
     if sink_url:
         config["action_url"] = sink_url
     return {"name": name, "driver": "push", "config": config, "description": "test"}
-
-
-@pytest.fixture
-def two_apis(node_cluster):
-    node_cluster.add("dsd", "d1")
-    a = node_cluster.add("api-pe", "n1")
-    b = node_cluster.add("api-pe", "n2")
-    return node_cluster, a, b
 
 
 def test_policy_rule_and_datasource_lifecycle_with_congress_shapes(two_apis, sink):
@@ -171,7 +163,7 @@ def _slow_post(port: int, path: str, body: bytes, sent: int) -> socket.socket:
     """A request in flight: its head and the first `sent` bytes of its body written, the rest held back."""
     conn = socket.create_connection(("127.0.0.1", port), timeout=10)
     head = (f"POST {path} HTTP/1.1\r\nHost: api\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode()
+            f"X-Auth-Token: {ADMIN_TOKEN}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
     conn.sendall(head + body[:sent])
     return conn
 
@@ -271,7 +263,7 @@ def test_rows_put_on_a_kept_alive_connection_answers_like_every_other_request(tw
                                ("GET", "/v1/data-sources/kept/tables/vms/rows", None),
                                ("PUT", "/v1/data-sources/kept/tables/vms/rows/", [])]:
         conn.request(method, path, body=None if body is None else json.dumps(body),
-                     headers={"Content-Type": "application/json"})
+                     headers={"Content-Type": "application/json", "X-Auth-Token": ADMIN_TOKEN})
         resp = conn.getresponse()
         answers.append((resp.status, resp.read()))
         assert not resp.will_close

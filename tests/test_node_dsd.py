@@ -2,46 +2,14 @@
 
 from __future__ import annotations
 
-import http.server
 import json
 import signal
-import threading
 import time
 
 import pytest
 
 from conftest import free_port
-from fixtures_redis import Sink, wait_for
-
-
-class JsonSource:
-    """A real HTTP server that serves a JSON document the test can change, counting GETs."""
-
-    def __init__(self, document):
-        self.document = document
-        self.gets = 0
-        source = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 - http.server API
-                source.gets += 1
-                body = json.dumps(source.document).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/servers.json"
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+from fixtures_redis import JsonSource, Sink, wait_for
 
 
 @pytest.fixture
@@ -136,6 +104,35 @@ def test_paused_dsd_replaced_by_a_new_one_stops_itself(node_cluster, sink):
     assert new.alive()
     assert a.request("PUT", "/v1/data-sources/feed/tables/items/rows", [[1], [2]])[0] == 200
     wait_for(lambda: rows(a, "/v1/data-sources/feed/tables/items/rows") == {(1,), (2,)}, 10, what="new DSD serving")
+
+
+@pytest.mark.slow
+def test_a_resumed_paused_dsd_executes_nothing_the_newer_epoch_took(node_cluster, sink):
+    """dsd-pause: while the old DSD is frozen a new one takes epoch 2, and an action request reaches both (the
+    old one's socket holds it). The new one runs it; the old one, resumed, reads it, is refused its claim by
+    the epoch fence, and stops without a POST."""
+    old = node_cluster.add("dsd", "d1")
+    a = node_cluster.add("api-pe", "n1")
+    assert a.request("POST", "/v1/data-sources", {"name": "feed", "driver": "push", "config": {
+        "tables": {"items": ["id"]}, "action_url": sink.url}})[0] == 201
+    wait_for(lambda: a.get("/v1/status")[1]["tables"][0]["epoch"] == 1, 10, what="epoch 1")
+    publish_direct(node_cluster, "before-pause")
+    wait_for(lambda: sink.ids() == ["before-pause"], 10, what="the old DSD running an action")
+    old.signal(signal.SIGSTOP)
+    new = node_cluster.add("dsd", "d2")
+    wait_for(lambda: a.get("/v1/status")[1]["tables"][0]["epoch"] == 2, 10, what="epoch 2 from the new DSD")
+    for i in range(5):
+        publish_direct(node_cluster, f"during-pause-{i}")
+    wait_for(lambda: len(sink.ids()) == 6, 10, what="the new DSD running them")
+    old.signal(signal.SIGCONT)
+    old.proc.wait(timeout=15)
+    assert old.proc.returncode == 1 and "superseded" in old.log_text()
+    time.sleep(0.5)
+    assert sorted(sink.ids()) == sorted(["before-pause", *(f"during-pause-{i}" for i in range(5))])
+    executors = {b["action_id"]: b["executor"] for b in sink.received}
+    assert executors["before-pause"].startswith("d1/")
+    assert all(executors[f"during-pause-{i}"].startswith("d2/") for i in range(5)), executors
+    assert new.alive()
 
 
 def test_action_requested_while_no_dsd_runs_is_executed_once_by_the_next(node_cluster, sink):

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import http.client
 import http.server
+import json
 import os
+import signal
 import subprocess
 import threading
+import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
+from congressctl.node.runtime import BUS_OUTAGE_GRACE_S
+from congressctl.payloads import DsdLiveness
 from conftest import free_port, require, require_tool
-from fixtures_redis import REPO, congressctl_command
+from fixtures_redis import REPO, congressctl_command, wait_for
 
 AGENTS = REPO / "templates" / "ocf"
 
@@ -207,3 +212,98 @@ def test_haproxy_reload_refuses_a_bad_config_and_keeps_serving(haproxy_agent, tm
     assert agent("congress-haproxy", "reload", params) == 6   # OCF_ERR_CONFIGURED
     assert urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).status == 200
     Path(params["config"]).write_text(good)
+
+
+# -- the DSD's liveness (issue 12): a paused DSD, a DSD whose bus is unreachable ---------------------------------
+OCF_SUCCESS, OCF_ERR_GENERIC, OCF_ERR_INSTALLED, OCF_NOT_RUNNING = 0, 1, 5, 7
+
+
+def run_agent(name: str, action: str, params: dict[str, str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OCF_ROOT": "/usr/lib/ocf", **{f"OCF_RESKEY_{k}": v for k, v in params.items()}}
+    return subprocess.run([str(AGENTS / name), action], env=env, capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def dsd_agent(node_cluster, tmp_path):
+    """The congress-dsd agent's parameters for a DSD on the node cluster's Redis; stopped at the end."""
+    require(os.geteuid() == 0, "the agent runs as root")
+    require(Path("/usr/lib/ocf/lib/heartbeat/ocf-shellfuncs").exists(), "resource-agents is not installed")
+    params = {"config": str(node_cluster.write_config("ocf1", "dsd", None)), "binary": binary(),
+              "pidfile": str(tmp_path / "dsd.pid"), "logfile": str(tmp_path / "dsd.log"),
+              "livefile": str(tmp_path / "dsd.live")}
+    yield params
+    run_agent("congress-dsd", "stop", params)
+
+
+def liveness(params: dict[str, str]) -> DsdLiveness:
+    return DsdLiveness.from_dict(json.loads(Path(params["livefile"]).read_text()))
+
+
+def wait_for_monitor(params: dict[str, str], rc: int, timeout: float) -> subprocess.CompletedProcess:
+    last: list[subprocess.CompletedProcess] = []
+
+    def answered() -> bool:
+        last[:] = [run_agent("congress-dsd", "monitor", params)]
+        return last[0].returncode == rc
+    wait_for(answered, timeout, interval=0.2, what=f"monitor to answer {rc}")
+    return last[0]
+
+
+def test_dsd_monitor_fails_on_a_paused_dsd_and_stop_ends_it_at_once(dsd_agent, node_cluster):
+    started = run_agent("congress-dsd", "start", dsd_agent)
+    assert started.returncode == OCF_SUCCESS, started.stderr
+    pid = int(Path(dsd_agent["pidfile"]).read_text())
+    record = liveness(dsd_agent)
+    assert record.pid == pid and record.epoch == 1 and record.problem is None
+    assert record.stale_after_s == 2             # 3 peer timeouts of 500 ms, rounded up to whole seconds
+    assert run_agent("congress-dsd", "monitor", dsd_agent).returncode == OCF_SUCCESS
+    os.kill(pid, signal.SIGSTOP)
+    paused = time.monotonic()
+    failed = wait_for_monitor(dsd_agent, OCF_ERR_GENERIC, timeout=10)
+    assert time.monotonic() - paused < record.stale_after_s + 3
+    assert "hung or paused" in failed.stderr
+    stopping = time.monotonic()
+    assert run_agent("congress-dsd", "stop", dsd_agent).returncode == OCF_SUCCESS
+    assert time.monotonic() - stopping < 5, "a paused DSD stops at SIGTERM once resumed, not after the SIGKILL grace"
+    assert not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    assert not Path(dsd_agent["livefile"]).exists()
+    assert run_agent("congress-dsd", "monitor", dsd_agent).returncode == OCF_NOT_RUNNING
+
+
+@pytest.mark.slow
+def test_dsd_monitor_outlasts_a_bus_failover_then_fails_hard_and_the_api_pe_leaves_the_pool(dsd_agent, node_cluster):
+    """The bus out of reach (its Redis frozen: nothing answers, as behind a dropped port): for as long as a bus
+    failover takes the DSD stays; past BUS_OUTAGE_GRACE_S its monitor fails with a hard error (Pacemaker moves
+    it rather than restart it here) and the api-pe's /healthz answers 503 (HAProxy takes it out)."""
+    api = node_cluster.add("api-pe", "n1")
+    assert run_agent("congress-dsd", "start", dsd_agent).returncode == OCF_SUCCESS
+    node_cluster.redis.proc.send_signal(signal.SIGSTOP)
+    frozen = time.monotonic()
+    try:
+        while time.monotonic() - frozen < BUS_OUTAGE_GRACE_S - 2:
+            assert run_agent("congress-dsd", "monitor", dsd_agent).returncode == OCF_SUCCESS
+            assert api.get("/healthz", timeout=2)[0] == 200
+            time.sleep(0.5)
+        failed = wait_for_monitor(dsd_agent, OCF_ERR_INSTALLED, timeout=6)
+        assert "control bus 127.0.0.1" in failed.stderr and "unreachable from this host" in failed.stderr
+        wait_for(lambda: api.get("/healthz", timeout=2)[0] == 503, 5, what="the api-pe out of the pool")
+    finally:
+        node_cluster.redis.proc.send_signal(signal.SIGCONT)
+    wait_for_monitor(dsd_agent, OCF_SUCCESS, timeout=10)
+
+
+@pytest.mark.slow
+def test_dsd_start_on_a_host_without_its_bus_fails_hard(node_cluster, tmp_path):
+    require(os.geteuid() == 0, "the agent runs as root")
+    require(Path("/usr/lib/ocf/lib/heartbeat/ocf-shellfuncs").exists(), "resource-agents is not installed")
+    config = node_cluster.write_config("ocf1", "dsd", None)
+    config.write_text(config.read_text().replace(f"port: {node_cluster.redis.port}", f"port: {free_port()}"))
+    params = {"config": str(config), "binary": binary(), "pidfile": str(tmp_path / "dsd.pid"),
+              "logfile": str(tmp_path / "dsd.log"), "livefile": str(tmp_path / "dsd.live")}
+    begun = time.monotonic()
+    started = run_agent("congress-dsd", "start", params)
+    assert started.returncode == OCF_ERR_INSTALLED, started.stderr
+    assert BUS_OUTAGE_GRACE_S <= time.monotonic() - begun < BUS_OUTAGE_GRACE_S + 5
+    assert "cannot run here" in started.stderr and "unreachable from this host" in started.stderr
+    assert not Path(params["pidfile"]).exists()
+    assert run_agent("congress-dsd", "monitor", params).returncode == OCF_NOT_RUNNING

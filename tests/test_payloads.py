@@ -11,8 +11,9 @@ import pytest
 
 from congressctl import status
 from congressctl.bus import Channels
+from congressctl.node.dsd import write_liveness
 from congressctl.payloads import (ApiPeStatus, BusView, DatasourceStatus, DriverStatus, DsdCounts, DsdHeartbeat,
-                                  DsdView, Leader, PeerView, PeHeartbeat, TableView)
+                                  DsdLiveness, DsdView, Leader, PeerView, PeHeartbeat, TableView)
 from fixtures_redis import wait_for
 
 DATA = Path(__file__).resolve().parent / "data" / "status"
@@ -162,3 +163,16 @@ def test_real_status_and_heartbeats_parse_and_round_trip(node_cluster, sink) -> 
     assert (pe.node, pe.inc, pe.synced) == ("n1", parsed.incarnation, True)
     assert (dsd.node, dsd.inc, dsd.leader) == ("d1", parsed.dsd.incarnation, Leader("n1", parsed.incarnation))
     assert [d.name for d in dsd.datasources.values()] == ["nova"]
+
+
+def test_the_dsd_liveness_file_is_one_json_line_its_shell_agent_can_read(tmp_path) -> None:
+    record = DsdLiveness(node="d1", inc="i9", pid=4242, ts=1700000000.25, stale_after_s=3, epoch=7, bus_silent_s=0.2,
+                         problem="control bus 10.0.0.5:6379 unreachable from this host for 11.0s: it's gone")
+    path = tmp_path / "dsd.live"
+    write_liveness(str(path), record)
+    text = path.read_text()
+    assert text.count("\n") == 1 and not (tmp_path / "dsd.live.tmp").exists()
+    assert DsdLiveness.from_dict(json.loads(text)) == record
+    for piece in ('"pid":4242', '"stale_after_s":3', '"epoch":7', '"problem":"control bus 10.0.0.5:6379'):
+        assert piece in text
+    assert DsdLiveness.from_dict({"node": "d1", "inc": "i", "pid": 1, "ts": 0, "stale_after_s": 2}).problem is None

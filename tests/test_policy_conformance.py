@@ -12,6 +12,9 @@ A case is either accepted or rejected:
                | delete_rule: [policy, statement index] | delete_policy: p | create_policy: p | tick: time,
                deltas: {"policy:table": [appeared, vanished]}, actions: [[ds, action, args]], queries: [...]}]
   reject:    {policy: p, rule: text, kind: error kind, at: offending text | position: offset, quote: text}
+  trace:     [{query, in, expect: [rows], text: exact trace | has: [lines]}]      (topdown.py)
+  simulate:  [{in, query, sequence, action_policy?, delta?, expect: [answers]}]    (simulate.py)
+  action_policies: {policy: [rules]}   action policies (created, their rules given to simulate only)
 
 Accepted cases run twice: data loaded before the rules and after them; both must answer the same.
 """
@@ -27,7 +30,9 @@ import yaml
 from congressctl.errors import PolicyError
 from congressctl.policy import Action, Engine
 from congressctl.policy.parser import parse_program
+from congressctl.policy.simulate import simulate
 from congressctl.policy.syntax import line_col
+from congressctl.policy.topdown import trace_query
 
 CASES = yaml.safe_load((Path(__file__).parent / "policy_cases.yaml").read_text())
 ACCEPTED = [c for c in CASES if "reject" not in c]
@@ -56,6 +61,8 @@ def build(case: dict, data_first: bool) -> tuple[Engine, Clock, dict[str, list[s
     if data_first and data:
         engine.update(data)
     ids: dict[str, list[str]] = {}
+    for policy in case.get("action_policies", {}):
+        engine.create_policy(policy)
     for policy, text in case.get("policies", {}).items():
         engine.create_policy(policy)
         ids[policy] = [engine.add_rule(policy, stmt.source())[0] for stmt in parse_program(text)]
@@ -140,3 +147,37 @@ def test_rejected(case: dict):
         if "quote" in reject:
             assert reject["quote"] in err.message
     assert engine.rules(policy) == before
+
+
+TRACED = [c for c in CASES if "trace" in c]
+SIMULATED = [c for c in CASES if "simulate" in c]
+
+
+def test_trace_and_simulate_cases_exist():
+    assert len(TRACED) >= 2 and len(SIMULATED) >= 5
+
+
+@pytest.mark.parametrize("case", TRACED, ids=[c["name"] for c in TRACED])
+def test_trace(case: dict):
+    engine, _, _ = build(case, data_first=True)
+    for t in case["trace"]:
+        rows, text = trace_query(engine, t["query"], t["in"])
+        assert rows == [tuple(r) for r in t["expect"]], t["query"]
+        if "text" in t:
+            assert text == t["text"], text
+        for line in t.get("has", []):
+            assert line in text.splitlines(), f"{line!r} not in:\n{text}"
+
+
+@pytest.mark.parametrize("data_first", [True, False], ids=["data-first", "rules-first"])
+@pytest.mark.parametrize("case", SIMULATED, ids=[c["name"] for c in SIMULATED])
+def test_simulate(case: dict, data_first: bool):
+    engine, _, _ = build(case, data_first)
+    actions = case.get("action_policies", {})
+    for s in case["simulate"]:
+        action_policy = s.get("action_policy")
+        answers, trace = simulate(engine, policy=s["in"], query=s["query"], sequence=s["sequence"],
+                                  action_policy=action_policy, action_rules=actions.get(action_policy, []),
+                                  delta=s.get("delta", False), trace=True)
+        assert answers == s["expect"], f"{s['query']} after {s['sequence']!r}\n{trace}"
+        check_queries(engine, case.get("queries", []), f"after simulating {s['sequence']!r}")

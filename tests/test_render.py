@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from congressctl.cli import main
 from congressctl.inventory import generate, load_inventory, parse_inventory
+from congressctl.node.config import load_node_config
 from congressctl.render import Secrets, render_all, render_cib, render_node
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "inventory.example.yaml"
@@ -172,3 +173,19 @@ def test_secrets_only_in_secret_files(tmp_path: Path) -> None:
     assert all(f.secret and f.mode == 0o600 for f in carrying.values())
     authkey = next(f for f in deployed if f.path == "/etc/corosync/authkey")
     assert authkey.secret and authkey.mode == 0o400
+
+
+def test_max_rows_per_put_goes_from_the_inventory_into_the_node_config(tmp_path: Path) -> None:
+    doc = generate(3)
+    doc["api"] = {**doc.get("api", {}), "max_rows_per_put": 500}
+    inv = parse_inventory(yaml.safe_dump(doc), tmp_path / "inv.yaml")
+    assert inv.api.max_rows_per_put == 500
+    config = yaml.safe_load(_files(inv, "n1")["/etc/congressctl/congress.yaml"])
+    assert config["api"]["max_rows_per_put"] == 500
+    (tmp_path / "bus.password").write_text("pw")
+    (tmp_path / "bus.password").chmod(0o600)
+    config["bus"]["password_file"] = str(tmp_path / "bus.password")
+    (tmp_path / "congress.yaml").write_text(yaml.safe_dump(config))
+    assert load_node_config(tmp_path / "congress.yaml").api.max_rows_per_put == 500
+    unset = yaml.safe_load(_files(_inv(tmp_path, 3), "n1")["/etc/congressctl/congress.yaml"])
+    assert "max_rows_per_put" not in unset["api"]

@@ -1,5 +1,7 @@
 """Rolling restarts: the plan (order, batches), reading bans and HAProxy's sessions; on the lab, the roll itself
-observed from HAProxy's stats socket, a host that never comes back, and an HAProxy reload under a client."""
+observed from HAProxy's stats socket (also --serial 2), a host that never comes back, an HAProxy reload under a
+client, a redis.conf change rolled over the bus (replicas, then a switchover) under acknowledged writes, and a
+CIB-only change applied as a patch."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import pytest
 
 from congressctl import haproxy, pacemaker, rolling
 from congressctl import lab as labmod
-from fixtures_cluster import congressctl, retimed_inventory
+from fixtures_cluster import congressctl, inventory_with, retimed_inventory
 
 BANS = """<constraints>
   <rsc_location id="dsd-prefers-n1" rsc="dsd" node="n1" score="10"/>
@@ -46,6 +48,21 @@ def test_plan_batches_serial_hosts_and_skips_what_is_not_stale_or_not_running() 
     assert plan.api_pe == [["n1", "n2"], ["n3"]]     # n4 runs no api-pe now; n5's DSD is not the one running
     assert plan.dsd is None
     assert rolling.make_plan({}, _placement(["n1"], "n1"), leader="n1", serial=1).empty
+
+
+def test_plan_restarts_bus_replicas_one_by_one_then_switches_the_promoted_one_over_before_api_pe() -> None:
+    stale = {"n1": ["api-pe", "bus"], "n2": ["bus"], "n3": ["bus"]}
+    placement = _placement(["n1", "n2", "n3"], "n2")
+    placement.running["bus"], placement.promoted["bus"] = ["n1", "n2", "n3"], ["n2"]
+    plan = rolling.make_plan(stale, placement, leader=None, serial=1)
+    assert (plan.bus_replicas, plan.bus_promoted, plan.bus_alone) == (["n1", "n3"], "n2", None)
+    steps = plan.steps()
+    assert steps[0].startswith("restart the bus replica on n1") and steps[1].startswith("restart the bus replica on n3")
+    assert steps[2].startswith("switch the bus over from n2") and steps[3] == "restart api-pe on n1"
+    alone = rolling.make_plan({"n1": ["bus"]}, pacemaker.Placement(running={"bus": ["n1"]}, promoted={"bus": ["n1"]}),
+                              leader=None, serial=1, multi_bus=False)
+    assert (alone.bus_replicas, alone.bus_promoted, alone.bus_alone) == ([], None, "n1")
+    assert rolling.make_plan({"n1": ["api-pe"]}, placement, leader=None, serial=1).bus_replicas == []
 
 
 def test_bans_left_by_crm_resource_are_found_with_or_without_a_lifetime() -> None:
@@ -126,7 +143,7 @@ class Watch:
 
     def __init__(self, cluster):
         self.cluster, self.vip = cluster, _vip_host(cluster)
-        self.url = f"http://{cluster.inv.vip.address}:{cluster.inv.api_port}/v1/policies"
+        self.url = f"{cluster.inv.api_url()}/v1/policies"
         self.states: list[dict[str, str]] = []
         self.gets, self.failed = 0, []
         self.stop = threading.Event()
@@ -156,7 +173,7 @@ class Watch:
             self.stop.wait(0.1)
 
     def _get(self) -> None:
-        with httpx.Client(timeout=3) as client:
+        with httpx.Client(timeout=3, headers=self.cluster.headers, verify=self.cluster.verify) as client:
             while not self.stop.is_set():
                 try:
                     status = client.get(self.url).status_code
@@ -211,7 +228,7 @@ def test_a_host_that_never_comes_back_stops_the_roll_and_the_next_deploy_goes_on
     _exec(cluster, failing, "sh", "-c", BLOCK_BUS.format(port=cluster.inv.bus.port))
     try:
         with Watch(cluster) as watch:
-            rc, result = _deploy(changed, "--timeout", "45")
+            rc, result = _deploy(changed, "--timeout", "30")
         assert rc != 0
         hosts = result["hosts"]
         assert not hosts[failing]["ok"] and hosts[failing]["step"] == "start api-pe", hosts[failing]
@@ -234,8 +251,9 @@ def test_a_host_that_never_comes_back_stops_the_roll_and_the_next_deploy_goes_on
 @pytest.mark.slow
 def test_an_haproxy_config_change_reloads_it_and_a_kept_alive_connection_goes_on(cluster) -> None:
     vip = _vip_host(cluster)
-    conn = http.client.HTTPConnection(cluster.inv.vip.address, cluster.inv.api_port, timeout=5)
-    conn.request("GET", "/v1/policies")
+    conn = http.client.HTTPSConnection(cluster.inv.vip.address, cluster.inv.api_port, timeout=5,
+                                       context=cluster.verify)
+    conn.request("GET", "/v1/policies", headers=cluster.headers)
     first = conn.getresponse()
     assert first.status == 200
     first.read()
@@ -245,9 +263,148 @@ def test_an_haproxy_config_change_reloads_it_and_a_kept_alive_connection_goes_on
     assert rc == 0, result
     assert result["hosts"][vip]["restarted"] == ["reloaded haproxy"]
     assert all(not h["restarted"] for name, h in result["hosts"].items() if name != vip)
-    conn.request("GET", "/v1/policies")
+    conn.request("GET", "/v1/policies", headers=cluster.headers)
     after = conn.getresponse()
     assert after.status == 200 and after.getheader("connection") == "close"
     after.read()
     conn.close()
     assert watch.failed == [] and watch.gets > 10
+
+
+@pytest.mark.lab
+@pytest.mark.slow
+def test_serial_2_takes_two_api_pe_out_at_a_time_never_more(cluster, tmp_path: Path) -> None:
+    changed = retimed_inventory(cluster, tmp_path, full_sync_interval_s=34)
+    with Watch(cluster) as watch:
+        rc, result = _deploy(changed, "--serial", "2")
+    assert rc == 0, result
+    assert result["plan"][0].startswith("restart api-pe on ") and ", " in result["plan"][0], result["plan"]
+    out = watch.out_of_service()
+    assert max(len(o) for o in out) == 2, f"more than two api-pe out at once: {[o for o in out if len(o) > 2][:3]}"
+    assert watch.failed == [] and watch.gets > 50
+    rc, back = _deploy(cluster.inventory_path, "--serial", "2")
+    assert rc == 0, back
+
+
+class BusWatch(Watch):
+    """Watch, and besides: the bus node Pacemaker promotes, every 0.2 s (crm_mon on n1, with the time), and one
+    rule create after another through the VIP (the names of those acknowledged: 201)."""
+
+    def __init__(self, cluster, policy: str):
+        super().__init__(cluster)
+        self.policy = policy
+        self.promoted: list[tuple[float, list[str]]] = []
+        self.acked: list[str] = []
+        self.writes = 0
+        self.threads += [threading.Thread(target=self._promoted, daemon=True),
+                         threading.Thread(target=self._write, daemon=True)]
+
+    def _promoted(self) -> None:
+        while not self.stop.is_set():
+            proc = labmod.lab_exec(self.cluster.lab, "n1", ["crm_mon", "-1", "--output-as=xml"], timeout=10)
+            out = proc.stdout.decode() if isinstance(proc.stdout, bytes) else proc.stdout
+            if proc.returncode == 0:
+                self.promoted.append((time.monotonic(), pacemaker.parse_crm_mon(out).promoted.get("bus", [])))
+            self.stop.wait(0.2)
+
+    def _write(self) -> None:
+        url = f"{self.cluster.inv.api_url()}/v1/policies/{self.policy}/rules"
+        with httpx.Client(timeout=3, headers=self.cluster.headers, verify=self.cluster.verify) as client:
+            while not self.stop.is_set():
+                name = f"w{self.writes}"
+                self.writes += 1
+                try:
+                    if client.post(url, json={"rule": f"acked(x) :- q(x), equal(x, {self.writes})",
+                                              "name": name}).status_code == 201:
+                        self.acked.append(name)
+                except httpx.HTTPError:
+                    pass
+                self.stop.wait(0.1)
+
+    def promotions(self) -> list[tuple[str | None, float]]:
+        """The promoted node (None: none) in runs, each with how long it lasted, from the samples."""
+        runs: list[tuple[str | None, float, float]] = []
+        for t, promoted in self.promoted:
+            assert len(promoted) <= 1, f"two bus nodes promoted at once: {promoted}"
+            node = promoted[0] if promoted else None
+            if runs and runs[-1][0] == node:
+                runs[-1] = (node, runs[-1][1], t)
+            else:
+                runs.append((node, runs[-1][2] if runs else t, t))
+        return [(node, round(end - start, 2)) for node, start, end in runs]
+
+
+@pytest.mark.lab
+@pytest.mark.slow
+def test_a_changed_redis_conf_rolls_the_bus_replicas_then_switches_over_and_no_acknowledged_write_is_lost(
+        cluster) -> None:
+    """Every host's redis.conf edited by hand: the deploy puts ours back, so every bus node must restart. The
+    replicas go first, one at a time; then the promotion moves once, to a replica, and the old one restarts."""
+    call = httpx.Client(base_url=cluster.inv.api_url(), timeout=5, headers=cluster.headers, verify=cluster.verify)
+    policy = "rolling_bus_writes"
+    assert call.post("/v1/policies", json={"name": policy}).status_code == 201
+    bus_hosts = sorted(n.name for n in cluster.inv.with_role("bus"))
+    for host in bus_hosts:
+        _exec(cluster, host, "sh", "-c", "echo '# edited by hand' >> /etc/congressctl/redis.conf")
+    try:
+        with BusWatch(cluster, policy) as watch:
+            rc, result = _deploy(cluster.inventory_path)
+        assert rc == 0, result
+        runs = watch.promotions()
+        promoted = [node for node, _ in runs if node]
+        assert len(promoted) == 2 and promoted[0] != promoted[1], f"the promotion moved other than once: {runs}"
+        old, new = promoted
+        assert [node for node, _ in runs] in ([old, new], [old, None, new]), runs
+        assert all(took < 10 for node, took in runs if node is None), f"no bus promoted for too long: {runs}"
+        restarted = {h: result["hosts"][h]["restarted"] for h in bus_hosts}
+        assert restarted[old] == [f"restarted bus (switchover to {new})"], restarted
+        assert all(restarted[h] == ["restarted bus (replica)"] for h in bus_hosts if h != old), restarted
+        assert [s.split(" on ")[1].split(",")[0] for s in result["plan"][:2]] == [h for h in bus_hosts if h != old]
+        assert result["plan"][2].startswith(f"switch the bus over from {old}") and len(result["plan"]) == 3
+        assert watch.failed == [] and len(watch.acked) > 20, (watch.failed[:5], len(watch.acked), watch.writes)
+        deadline = time.monotonic() + 30
+        while (lost := set(watch.acked) - _rule_names(call, policy)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert lost == set(), f"acknowledged writes lost: {sorted(lost)[:10]}"
+        assert "bus" not in _exec(cluster, old, "/opt/congressctl/sbin/congressctl-cluster", "stale").split()
+        assert not pacemaker.parse_bans(_exec(cluster, "n1", "cibadmin", "--query", "--scope", "constraints"))
+    finally:
+        call.delete(f"/v1/policies/{policy}")
+        call.close()
+
+
+@pytest.mark.lab
+@pytest.mark.slow
+def test_a_cib_only_change_is_applied_as_a_patch_and_restarts_nothing(cluster, tmp_path: Path) -> None:
+    """A ban of someone else's making (on the frontend, where it does not run) survives the load: the CIB was
+    patched, not replaced; no process restarted."""
+    changed = inventory_with(cluster, tmp_path, "pacemaker", resource_stickiness=101)
+    vip = _vip_host(cluster)
+    elsewhere = next(n.name for n in cluster.inv.nodes if n.name != vip)
+    incarnations = {n.name: _incarnation(cluster, n) for n in cluster.inv.with_role("api-pe")}
+    _exec(cluster, vip, "crm_resource", "--resource", "frontend", "--ban", "--node", elsewhere, "--lifetime", "PT10M",
+          "--quiet")
+    try:
+        for inventory, stickiness in ((changed, "101"), (cluster.inventory_path, "100")):
+            rc, result = _deploy(inventory)
+            assert rc == 0 and result["cib_loaded"], result
+            assert all(h["changed"] == ["/etc/congressctl/cib.xml"] and not h["restarted"]
+                       for h in result["hosts"].values()), result["hosts"]
+            constraints = _exec(cluster, vip, "cibadmin", "--query", "--scope", "constraints")
+            assert ("frontend", elsewhere) in pacemaker.parse_bans(constraints)
+            live = _exec(cluster, vip, "crm_attribute", "--type", "rsc_defaults", "--name", "resource-stickiness",
+                         "--query", "--quiet")
+            assert live.strip() == stickiness
+        assert {n.name: _incarnation(cluster, n) for n in cluster.inv.with_role("api-pe")} == incarnations
+    finally:
+        _exec(cluster, vip, "crm_resource", "--resource", "frontend", "--clear", "--quiet")
+
+
+def _incarnation(cluster, node) -> str:
+    status = httpx.get(f"{cluster.inv.api_url(node.address)}/v1/status", timeout=5, headers=cluster.headers,
+                       verify=cluster.verify).json()
+    return status["incarnation"]
+
+
+def _rule_names(call: httpx.Client, policy: str) -> set[str]:
+    return {r["name"] for r in call.get(f"/v1/policies/{policy}/rules").json()["results"]}

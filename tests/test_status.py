@@ -158,7 +158,8 @@ def test_healthy_cluster_matches_crm_mon_and_the_nodes(cluster) -> None:
     vip_host = next(h for h in report["hosts"] if h["name"] in placement.on("haproxy"))
     assert sorted(b["server"] for b in vip_host["backends"] if b["status"] == "UP") == sorted(
         n.name for n in cluster.inv.with_role("api-pe"))
-    own = {n.name: httpx.get(f"http://{n.address}:{cluster.inv.api_port}/v1/status", timeout=5).json()
+    own = {n.name: httpx.get(f"{cluster.inv.api_url(n.address)}/v1/status", timeout=5, headers=cluster.headers,
+                             verify=cluster.verify).json()
            for n in cluster.inv.with_role("api-pe")}
     assert report["dsd"]["node"] == placement.on("dsd")[0] == report["dsd"]["running_on"][0]
     assert {s["dsd"]["node"] for s in own.values()} == {report["dsd"]["node"]}
@@ -209,6 +210,7 @@ def test_no_reachable_host_is_unavailable(cluster, tmp_path: Path) -> None:
     empty.write_text("")
     data["ssh"]["known_hosts"] = str(empty)
     data["ssh"]["key"] = str((cluster.inventory_path.parent / data["ssh"]["key"]).resolve())
+    data["state_dir"] = str(cluster.inv.state_dir)   # where the cluster CA is
     path = tmp_path / "inv.yaml"
     path.write_text(yaml.safe_dump(data))
     proc = congressctl("status", "-i", str(path), "--output", "json", timeout=60)

@@ -1,4 +1,4 @@
-"""`python -m congressctl.node [serve] ROLE --config FILE` (the same as `congressctl serve ROLE --config FILE`)."""
+"""`python -m congressctl.node [serve] ROLE --config FILE [--live-file FILE]` (the same as `congressctl serve ...`)."""
 
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m congressctl.node")
     parser.add_argument("role", choices=SERVED_ROLES)
     parser.add_argument("--config", required=True)
+    parser.add_argument("--live-file", default=None)
     ns = parser.parse_args(args)
     try:
-        return serve(ns.role, ns.config)
+        return serve(ns.role, ns.config, ns.live_file)
     except CongressctlError as exc:
         sys.stderr.write(f"congressctl: {exc}\n")
         return exc.exit_code

@@ -17,6 +17,7 @@ import contextlib
 import logging
 import re
 import socket
+import ssl
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -30,12 +31,16 @@ from starlette.routing import Route
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from congressctl.bus import Bus
-from congressctl.errors import BusError, DatasourceConfigError, PolicyError
+from congressctl.errors import BusError, DatasourceConfigError, InputLimitError, NodeConfigError, PolicyError
+from congressctl.node import limits
+from congressctl.node.access import OPEN_PATHS, TokenCheck, refusal
 from congressctl.node.config import NodeConfig
-from congressctl.node.drivers import coerce_rows, normalize_datasource, table_columns
+from congressctl.node.drivers import DRIVER_INFO, coerce_rows, driver_info, normalize_datasource, table_columns
+from congressctl.node.metrics import ApiPeCollector, ApiPeMetrics
+from congressctl.node.openapi import POLICY_KINDS, openapi_document
 from congressctl.node.pe import PolicyNode, rows_of
-from congressctl.node.runtime import BusWorker
-from congressctl.node.store import Store
+from congressctl.node.runtime import BUS_OUTAGE_GRACE_S, BusWorker
+from congressctl.node.store import Store, row_keys_of
 from congressctl.payloads import (
     ActionsView,
     ApiPeStatus,
@@ -45,19 +50,17 @@ from congressctl.payloads import (
     DsdView,
     PeerView,
     PeHeartbeat,
+    RefreshRequest,
 )
+from congressctl.policy.parser import parse_statement
 
 log = logging.getLogger("congressctl.api")
 
 # what the engine takes as a policy name: refused here, before anything is stored
 POLICY_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-POLICY_KINDS = ("nonrecursive", "action", "database", "materialized")
 # Set on answers given while the bus is out of reach: seconds since it was last heard from (the answer comes
 # from this node's copy, which may miss what changed meanwhile).
 BUS_AGE_HEADER = "X-Congress-Bus-Age"
-# A bus failover (promote a replica, move the bus address) takes a few seconds; a node whose bus stays away
-# longer leaves HAProxy's pool (its /healthz answers 503).
-BUS_OUTAGE_GRACE_S = 10.0
 # The v1 API's date as Congress publishes it (congress/api/versions.py): this node serves that same v1, and
 # python-congressclient's `congress version list` shows the date.
 V1_UPDATED = "2013-08-12T17:42:13Z"
@@ -84,6 +87,11 @@ def error_response(status: int, message: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "error_code": status, **extra}}, status_code=status)
 
 
+def too_large(limit: int) -> JSONResponse:
+    return error_response(413, f"request body larger than {limit // (1024 * 1024)} MB "
+                               "(the inventory's api.max_body_mb)")
+
+
 def results(items: list) -> JSONResponse:
     return JSONResponse({"results": items})
 
@@ -96,11 +104,82 @@ def rows_body(rows: list[tuple]) -> JSONResponse:
     return results([{"data": list(r)} for r in rows])
 
 
-async def json_body(request: Request) -> Any:
+# A large push is checked in pieces of this many rows, yielding between them: heartbeats and other requests go on.
+PUSH_PIECE_ROWS = 20_000
+# A rows PUT body larger than this is parsed in pieces of about this size (some 20 ms of json.loads each): one
+# json.loads of 50 MB took the loop away for over a second.
+PARSE_PIECE_BYTES = 1 << 20
+
+
+def split_rows(raw: bytes, piece_bytes: int) -> list[bytes] | None:
+    """The text of a JSON list's elements in pieces of about `piece_bytes`, cut at commas that follow a "]" or
+    "}"; None when `raw` is no "[...]". A cut inside a string or a nested value makes its piece invalid JSON (a
+    string or bracket left open), so pieces that parse are exactly the elements of the whole."""
+    text = raw.strip()
+    if not (text.startswith(b"[") and text.endswith(b"]")):
+        return None
+    pieces: list[bytes] = []
+    start, end = 1, len(text) - 1
+    while end - start > piece_bytes:
+        cuts = [c for c in (text.find(b"],", start + piece_bytes, end), text.find(b"},", start + piece_bytes, end))
+                if c >= 0]
+        if not cuts:
+            break
+        cut = min(cuts) + 1
+        pieces.append(text[start:cut])
+        start = cut + 1
+    pieces.append(text[start:end])
+    return pieces
+
+
+async def rows_in_pieces(raw: bytes, piece_bytes: int = PARSE_PIECE_BYTES) -> list[Any]:
+    """A large rows body parsed in pieces, yielding between them: its rows as a list of lists (one per piece),
+    or the value itself when it is not a list. A piece that does not parse (cut where no element ends) is
+    parsed again with the rest of the body, in one go; ValueError when the body is not JSON."""
+    pieces = split_rows(raw, piece_bytes)
+    if pieces is None:
+        return [limits.loads(raw)]
+    out: list[Any] = []
+    for i, piece in enumerate(pieces):
+        try:
+            out.append(limits.loads(b"[" + piece + b"]"))
+        except (ValueError, InputLimitError):
+            out.append(limits.loads(b"[" + b",".join(pieces[i:]) + b"]"))
+            break
+        await asyncio.sleep(0)
+    return out
+
+
+async def keys_in_pieces(pieces: list[list], columns: list[str]) -> list[str]:
+    """The checked rows' keys, PUSH_PIECE_ROWS at a time, yielding between them; each piece of parsed rows is
+    dropped once done (`pieces` is emptied), so the body is not held twice."""
+    keys: list[str] = []
+    pieces.reverse()
+    while pieces:
+        parsed = pieces.pop()
+        for i in range(0, len(parsed), PUSH_PIECE_ROWS):
+            try:
+                keys += row_keys_of(coerce_rows(parsed[i:i + PUSH_PIECE_ROWS], columns))
+            except DatasourceConfigError as exc:
+                field = exc.field or ""
+                if not field.startswith("rows["):
+                    raise
+                n = int(field[5:].split("]", 1)[0]) + len(keys)   # the row's index in the whole body
+                raise DatasourceConfigError(exc.message, field=f"rows[{n}]") from None
+            await asyncio.sleep(0)
+    return keys
+
+
+async def json_body(request: Request, *, depth_checked: bool = True) -> Any:
+    """The request's JSON body; nesting past MAX_JSON_DEPTH is refused unless the caller bounds it in its own
+    walk (`depth_checked=False`: the rows PUT, whose cells are walked anyway)."""
     try:
-        return await request.json()
+        body = limits.loads(await request.body())
     except ValueError:
         raise ApiError(400, "request body is not valid JSON") from None
+    if depth_checked:
+        limits.check_depth(body)
+    return body
 
 
 def _v1_version(request: Request) -> dict:
@@ -110,6 +189,46 @@ def _v1_version(request: Request) -> dict:
 
 def public_rule(rule: dict) -> dict:
     return {k: rule.get(k, "") for k in ("id", "name", "comment", "rule")}
+
+
+def flag(request: Request, name: str) -> bool:
+    """A query flag as python-congressclient sends it (trace=True, delta=False, include_rules=True)."""
+    return request.query_params.get(name, "").lower() in ("true", "1", "yes")
+
+
+def policy_fields(body: Any) -> dict:
+    """A new policy's (or library policy's) checked fields: name, description, kind, abbreviation."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "body must be a JSON object")
+    name = body.get("name")
+    limits.check_name(name, "name")
+    limits.check_name(body.get("abbreviation"), "abbreviation")
+    limits.check_text(body.get("description"), "description")
+    if not isinstance(name, str) or not POLICY_NAME_RE.match(name):
+        raise ApiError(400, f"policy name must match {POLICY_NAME_RE.pattern} (got {name!r})", field="name")
+    kind = body.get("kind") or "nonrecursive"
+    if kind not in POLICY_KINDS:
+        raise ApiError(400, f"policy kind must be one of {', '.join(POLICY_KINDS)}", field="kind")
+    return {"name": name, "description": str(body.get("description") or ""), "kind": kind,
+            "abbreviation": str(body.get("abbreviation") or name[:5])}
+
+
+def rule_fields(body: Any) -> dict:
+    """A new rule's fields: {"rule": text, "name"?, "comment"?}."""
+    text = body.get("rule") if isinstance(body, dict) else None
+    if not isinstance(text, str) or not text.strip():
+        raise ApiError(400, "body must be {\"rule\": \"<rule text>\"}", field="rule")
+    limits.check_text(text, "rule")
+    limits.check_name(body.get("name"), "name")
+    limits.check_text(body.get("comment"), "comment")
+    return {"name": str(body.get("name") or ""), "comment": str(body.get("comment") or ""), "rule": text}
+
+
+def rules_of(body: dict) -> list[dict]:
+    rules = body.get("rules") or []
+    if not isinstance(rules, list):
+        raise ApiError(400, "rules must be a list of {\"rule\": text, \"name\"?, \"comment\"?}", field="rules")
+    return [rule_fields(r) for r in rules]
 
 
 class Api:
@@ -179,28 +298,58 @@ class Api:
         return results(sorted(self.pe.policies.values(), key=lambda p: p["name"]))
 
     async def create_policy(self, request: Request) -> Response:
-        """Create a policy: {"name", "description"?, "kind"?, "abbreviation"?}."""
-        body = await json_body(request)
-        if not isinstance(body, dict):
-            raise ApiError(400, "body must be a JSON object")
-        name = body.get("name")
-        if not isinstance(name, str) or not POLICY_NAME_RE.match(name):
-            raise ApiError(400, f"policy name must match {POLICY_NAME_RE.pattern} (got {name!r})", field="name")
-        kind = body.get("kind") or "nonrecursive"
-        if kind not in POLICY_KINDS:
-            raise ApiError(400, f"policy kind must be one of {', '.join(POLICY_KINDS)}", field="kind")
-        if self.pe.datasource(name) is not None:
-            raise ApiError(409, f"name {name!r} is already used by a datasource")
-        policy = {"id": str(uuid.uuid4()), "name": name, "description": str(body.get("description") or ""),
-                  "kind": kind, "abbreviation": str(body.get("abbreviation") or name[:5]), "owner_id": POLICY_OWNER}
+        """Create a policy: {"name", "description"?, "kind"?, "abbreviation"?, "rules"?: [rule]}, or from a library
+        policy with ?library_policy=ID (its fields and rules)."""
+        body = await json_body(request) if await request.body() else {}
+        lib_ref = request.query_params.get("library_policy")
+        if lib_ref:
+            lib = await self._library_policy(lib_ref)
+            body = {**{k: lib[k] for k in ("name", "description", "kind", "abbreviation")},
+                    **{k: v for k, v in (body or {}).items() if k != "rules" and v}, "rules": lib["rules"]}
+        fields = policy_fields(body)
+        rules = rules_of(body)
+        if self.pe.datasource(fields["name"]) is not None:
+            raise ApiError(409, f"name {fields['name']!r} is already used by a datasource")
+        policy = {"id": str(uuid.uuid4()), **fields, "owner_id": POLICY_OWNER}
         if not await self.store.create_policy(policy):
-            raise ApiError(409, f"policy {name!r} already exists")
+            raise ApiError(409, f"policy {fields['name']!r} already exists")
         try:
             self.pe.apply_policy(policy)
-        except PolicyError:
+            added = [await self._add_rule(policy, rule) for rule in rules]
+        except (PolicyError, ApiError):
             await self.store.delete_policy(policy)
+            self.pe.drop_policy(policy["id"])
             raise
+        if "rules" in body or lib_ref:
+            return JSONResponse({**policy, "rules": added}, status_code=201)
         return JSONResponse(policy, status_code=201)
+
+    async def policy_action(self, request: Request) -> Response:
+        """POST ?action=simulate&trace=&delta= {"query", "sequence", "action_policy"?}: the query's answers after
+        the sequence of updates and actions, on a copy (nothing changes): {"result": [...], "trace"?}."""
+        policy = await self._policy(request)
+        if request.query_params.get("action") != "simulate":
+            raise ApiError(400, "unsupported action; use ?action=simulate")
+        body = await json_body(request)
+        if not isinstance(body, dict) or not isinstance(body.get("query"), str):
+            raise ApiError(400, "body must be {\"query\": ..., \"sequence\": ..., \"action_policy\": ...}",
+                           field="query")
+        sequence = body.get("sequence") or ""
+        if not isinstance(sequence, str):
+            raise ApiError(400, "sequence must be a string of updates and actions", field="sequence")
+        action_policy = None
+        if body.get("action_policy"):
+            ref = str(body["action_policy"])
+            action_policy = self.pe.policy(ref)
+            if action_policy is None:
+                raise ApiError(404, f"action policy {ref!r} not found", field="action_policy")
+            if action_policy.get("kind") != "action":
+                raise ApiError(400, f"policy {ref!r} is of kind {action_policy.get('kind')!r}, not action",
+                               field="action_policy")
+        trace = flag(request, "trace")
+        answers, text = self.pe.simulate(policy, query=body["query"], sequence=sequence, action_policy=action_policy,
+                                         delta=flag(request, "delta"), trace=trace)
+        return JSONResponse({"result": answers, **({"trace": text} if trace else {})})
 
     async def show_policy(self, request: Request) -> Response:
         """Show one policy (id or name)."""
@@ -224,16 +373,15 @@ class Api:
         """Add a rule: {"rule": text, "name"?, "comment"?}; 400 names the position of a parse/check error."""
         await self.pe.catch_up()   # the policy and the datasources it names may be a moment old
         policy = await self._policy(request)
-        body = await json_body(request)
-        text = body.get("rule") if isinstance(body, dict) else None
-        if not isinstance(text, str) or not text.strip():
-            raise ApiError(400, "body must be {\"rule\": \"<rule text>\"}", field="rule")
-        self.pe.engine.check_rule(policy["name"], text)
+        return JSONResponse(await self._add_rule(policy, rule_fields(await json_body(request))), status_code=201)
+
+    async def _add_rule(self, policy: dict, fields: dict) -> dict:
+        text = fields["rule"]
+        self.pe.check_rule(policy, text)
         normal = " ".join(text.split())
         if any(" ".join(r["rule"].split()) == normal for r in self.pe.rules.get(policy["id"], {}).values()):
             raise ApiError(409, f"rule already exists in policy {policy['name']!r}")
-        rule = {"id": str(uuid.uuid4()), "name": str(body.get("name") or ""),
-                "comment": str(body.get("comment") or ""), "rule": text}
+        rule = {"id": str(uuid.uuid4()), **fields}
         stored = await self.store.add_rule(policy, rule)
         if stored is None:
             raise ApiError(404, f"policy {policy['name']!r} not found")
@@ -242,7 +390,7 @@ class Api:
         except PolicyError:
             await self.store.delete_rule(policy, rule["id"])
             raise
-        return JSONResponse(public_rule(stored), status_code=201)
+        return public_rule(stored)
 
     async def show_rule(self, request: Request) -> Response:
         """Show one rule."""
@@ -272,12 +420,61 @@ class Api:
         return JSONResponse({"id": table})
 
     async def policy_rows(self, request: Request) -> Response:
-        """Rows of a policy table: {"results": [{"data": [...]}]}."""
+        """Rows of a policy table: {"results": [{"data": [...]}]}; with ?trace=true also "trace", the text of
+        their derivation (which rules and rows produced each row; format in congressctl/policy/topdown.py)."""
         policy = await self._policy(request)
         table = request.path_params["table"]
         if table not in self.pe.engine.tables(policy["name"]):
             raise ApiError(404, f"table {table!r} not found in policy {policy['name']!r}")
-        return rows_body(rows_of(self.pe.engine, f"{policy['name']}:{table}"))
+        if not flag(request, "trace"):
+            return rows_body(rows_of(self.pe.engine, f"{policy['name']}:{table}"))
+        rows, text = self.pe.trace_rows(policy, table)
+        return JSONResponse({"results": [{"data": list(r)} for r in rows], "trace": text})
+
+    # -- library policies -----------------------------------------------------------------------------
+    async def _library_policy(self, ref: str) -> dict:
+        if self.pe.library_policy(ref) is None:
+            await self.pe.catch_up()
+        lib = self.pe.library_policy(ref)
+        if lib is None:
+            raise ApiError(404, f"library policy {ref!r} not found")
+        return lib
+
+    @staticmethod
+    def _library_view(lib: dict, request: Request) -> dict:
+        keep_rules = request.query_params.get("include_rules", "true").lower() not in ("false", "0", "no")
+        return lib if keep_rules else {k: v for k, v in lib.items() if k != "rules"}
+
+    async def list_library_policies(self, request: Request) -> Response:
+        """List library policies (?include_rules=False leaves their rules out)."""
+        libs = sorted(self.pe.library.values(), key=lambda p: p["name"])
+        return results([self._library_view(lib, request) for lib in libs])
+
+    async def create_library_policy(self, request: Request) -> Response:
+        """Store a library policy: {"name", "description"?, "kind"?, "abbreviation"?, "rules": [rule]}; its rules
+        are checked for syntax only and never evaluated (a policy created from it evaluates them)."""
+        body = await json_body(request)
+        fields = policy_fields(body)
+        rules = rules_of(body)
+        for rule in rules:
+            parse_statement(rule["rule"], updates=fields["kind"] == "action")
+        lib = {"id": str(uuid.uuid4()), **fields, "rules": rules}
+        if not await self.store.create_library_policy(lib):
+            raise ApiError(409, f"library policy {fields['name']!r} already exists")
+        self.pe.apply_library_policy(lib)
+        return JSONResponse(lib, status_code=201)
+
+    async def show_library_policy(self, request: Request) -> Response:
+        """Show one library policy (id or name; ?include_rules=False leaves its rules out)."""
+        return JSONResponse(self._library_view(await self._library_policy(request.path_params["lib"]), request))
+
+    async def delete_library_policy(self, request: Request) -> Response:
+        """Delete a library policy (policies created from it stay)."""
+        lib = await self._library_policy(request.path_params["lib"])
+        if not await self.store.delete_library_policy(lib):
+            raise ApiError(404, f"library policy {lib['name']!r} not found")
+        self.pe.drop_library_policy(lib["id"])
+        return JSONResponse(lib)
 
     # -- datasources ----------------------------------------------------------------------------------
     async def list_datasources(self, request: Request) -> Response:
@@ -287,6 +484,7 @@ class Api:
     async def create_datasource(self, request: Request) -> Response:
         """Create a datasource: {"name", "driver": "push"|"http", "config": {"tables": ...}, ...}."""
         ds = {"id": str(uuid.uuid4()), **normalize_datasource(await json_body(request))}
+        self._check_urls(ds)
         if self.pe.policy(ds["name"]) is not None:
             raise ApiError(409, f"name {ds['name']!r} is already used by a policy")
         if not await self.store.create_datasource(ds):
@@ -297,6 +495,17 @@ class Api:
             await self.store.delete_datasource(ds)
             raise
         return JSONResponse(ds, status_code=201)
+
+    def _check_urls(self, ds: dict) -> None:
+        """The outbound allow-list: a datasource makes the DSD send requests to its url and action_url."""
+        rules = self.node.cfg.datasources
+        for key in ("url", "action_url"):
+            url = ds["config"].get(key)
+            if url is not None and rules.refused(url):
+                allowed = ", ".join(rules.allowed_urls) or "none (the list is empty)"
+                raise ApiError(400, f"config.{key} {url[:200]!r} is outside datasources.allowed_urls "
+                               f"(URL prefixes allowed: {allowed})", field=f"config.{key}",
+                               rule="datasources.allowed_urls")
 
     async def show_datasource(self, request: Request) -> Response:
         """Show one datasource (id or name)."""
@@ -311,13 +520,19 @@ class Api:
         return JSONResponse(ds)
 
     async def datasource_action(self, request: Request) -> Response:
-        """POST ?action=execute {"name", "args": {"positional": [...]}}: run an action on the datasource."""
+        """POST ?action=execute {"name", "args": {"positional": [...]}}: run an action on the datasource;
+        ?action=request-refresh: the DSD polls the (http) datasource now."""
         ds = await self._datasource(request)
+        if request.query_params.get("action") == "request-refresh":
+            await self.node.bus.publish(self.node.channels.action,
+                                        RefreshRequest(refresh=ds["id"], pe=self.node.cfg.node_id).to_dict())
+            return JSONResponse({})
         if request.query_params.get("action") != "execute":
-            raise ApiError(400, "unsupported action; use ?action=execute")
+            raise ApiError(400, "unsupported action; use ?action=execute or ?action=request-refresh")
         body = await json_body(request)
         if not isinstance(body, dict) or not isinstance(body.get("name"), str):
             raise ApiError(400, "body must be {\"name\": ACTION, \"args\": {\"positional\": [...]}}")
+        limits.check_name(body["name"], "name")
         args = body.get("args") or {}
         positional = args.get("positional", []) if isinstance(args, dict) else args
         if not isinstance(positional, list):
@@ -356,8 +571,27 @@ class Api:
 
     async def list_drivers(self, request: Request) -> Response:
         """The datasource drivers this service runs."""
-        return results([{"id": "push", "description": "rows replaced through the API (PUT .../rows)"},
-                        {"id": "http", "description": "polls a JSON URL and maps fields to columns"}])
+        return results([{"id": d, "description": info["description"]} for d, info in DRIVER_INFO.items()])
+
+    async def show_driver(self, request: Request) -> Response:
+        """One driver: its config options with what they mean, as Congress's driver info."""
+        info = driver_info(request.path_params["driver"])
+        if info is None:
+            raise ApiError(404, f"driver {request.path_params['driver']!r} not found")
+        return JSONResponse(info)
+
+    async def list_datasource_actions(self, request: Request) -> Response:
+        """The actions the datasource takes: those the policies' execute[] rules name for it, each POSTed to its
+        action_url (none without one). Their arguments are positional, so "args" (Congress's named arguments)
+        is empty and the description gives their number."""
+        ds = await self._datasource(request)
+        url = ds["config"].get("action_url")
+        if not url:
+            return results([])
+        return results([{"name": action, "args": [],
+                         "description": f"{arity} positional argument(s); POSTed to {url} as JSON "
+                                        "{action_id, datasource, action, args}"}
+                        for action, arity in self.pe.engine.actions_of(ds["name"])])
 
     async def datasource_rows(self, request: Request) -> Response:
         """Rows of a datasource table as this PE holds them."""
@@ -369,10 +603,33 @@ class Api:
         ds, table = await self._ds_table(request)
         if ds["driver"] != "push":
             raise ApiError(400, f"datasource {ds['name']!r} is not a push datasource")
-        rows = coerce_rows(await json_body(request), ds["config"]["tables"][table]["columns"])
-        if not await self.store.push_rows(ds, table, [list(r) for r in rows]):
+        raw = await request.body()
+        if len(raw) <= PARSE_PIECE_BYTES:
+            return await self._push_small(ds, table, await json_body(request, depth_checked=False))
+        try:
+            pieces = await rows_in_pieces(raw)
+        except ValueError:
+            raise ApiError(400, "request body is not valid JSON") from None
+        if not all(isinstance(p, list) for p in pieces):
+            return await self._push_small(ds, table, pieces[0])   # not a list of rows: refused there
+        self._check_row_count(sum(map(len, pieces)))
+        keys = await keys_in_pieces(pieces, ds["config"]["tables"][table]["columns"])
+        if not await self.store.push_keys(ds, table, keys):
             raise ApiError(404, f"datasource {ds['name']!r} not found")
         return JSONResponse({})
+
+    async def _push_small(self, ds: dict, table: str, body: Any) -> Response:
+        if isinstance(body, list):
+            self._check_row_count(len(body))
+        if not await self.store.push_rows(ds, table, coerce_rows(body, ds["config"]["tables"][table]["columns"])):
+            raise ApiError(404, f"datasource {ds['name']!r} not found")
+        return JSONResponse({})
+
+    def _check_row_count(self, count: int) -> None:
+        limit = self.node.cfg.api.max_rows_per_put
+        if count > limit:
+            raise ApiError(413, f"{count} rows in one PUT, more than api.max_rows_per_put ({limit}); nothing "
+                           "was replaced")
 
     async def datasource_status(self, request: Request) -> Response:
         """Driver status as the DSD reports it in its heartbeat, plus (epoch, seq) of each table."""
@@ -404,6 +661,7 @@ class Api:
             ("/v1/policies", self.create_policy, ["POST"], None),
             (p, self.show_policy, ["GET"], None),
             (p, self.delete_policy, ["DELETE"], None),
+            (p, self.policy_action, ["POST"], None),
             (p + "/rules", self.list_rules, ["GET"], None),
             (p + "/rules", self.create_rule, ["POST"], None),
             (p + "/rules/{rule}", self.show_rule, ["GET"], None),
@@ -411,20 +669,26 @@ class Api:
             (p + "/tables", self.list_policy_tables, ["GET"], None),
             (p + "/tables/{table}", self.show_policy_table, ["GET"], None),
             (p + "/tables/{table}/rows", self.policy_rows, ["GET"], None),
+            ("/v1/librarypolicies", self.list_library_policies, ["GET"], None),
+            ("/v1/librarypolicies", self.create_library_policy, ["POST"], None),
+            ("/v1/librarypolicies/{lib}", self.show_library_policy, ["GET"], None),
+            ("/v1/librarypolicies/{lib}", self.delete_library_policy, ["DELETE"], None),
             ("/v1/system/drivers", self.list_drivers, ["GET"], None),
+            ("/v1/system/drivers/{driver}", self.show_driver, ["GET"], None),
             ("/v1/data-sources", self.list_datasources, ["GET"], None),
             ("/v1/data-sources", self.create_datasource, ["POST"], None),
             (d, self.show_datasource, ["GET"], None),
             (d, self.delete_datasource, ["DELETE"], None),
             (d, self.datasource_action, ["POST"], None),
             (d + "/status", self.datasource_status, ["GET"], None),
+            (d + "/actions", self.list_datasource_actions, ["GET"], None),
             (d + "/tables", self.list_datasource_tables, ["GET"], None),
             (d + "/schema", self.datasource_schema, ["GET"], None),
             (d + "/tables/{table}", self.show_datasource_table, ["GET"], None),
             (d + "/tables/{table}/spec", self.datasource_table_spec, ["GET"], None),
             (d + "/tables/{table}/rows", self.datasource_rows, ["GET"], None),
         ]
-        gated = ("/v1/policies", "/v1/data-sources", "/v1/system")
+        gated = ("/v1/policies", "/v1/data-sources", "/v1/system", "/v1/librarypolicies")
         return [Route(path, guarded(fn, self._not_synced if path.startswith(gated) else None,
                                     self.node.bus_age if path.startswith(gated) else None),
                       methods=methods, name=name or f"{fn.__name__}-{'-'.join(methods)}")
@@ -453,8 +717,10 @@ def guarded(fn: Callable[[Request], Awaitable[Response]], unready: Callable[[], 
         except PolicyError as exc:
             status = {"not-found": 404, "exists": 409}.get(exc.kind, 400)
             response = error_response(status, str(exc), kind=exc.kind, position=exc.position, rule=exc.rule)
-        except DatasourceConfigError as exc:
+        except (DatasourceConfigError, InputLimitError) as exc:
             response = error_response(400, str(exc), field=exc.field)
+        except limits.BodyTooLarge as exc:
+            response = too_large(exc.limit)
         except BusError as exc:
             response = error_response(503, f"control bus unavailable: {exc}")
         age = bus_age() if bus_age else None
@@ -469,40 +735,54 @@ def guarded(fn: Callable[[Request], Awaitable[Response]], unready: Callable[[], 
 PUSH_PATH = re.compile(r"^/v1/data-sources/(?P<ds>[^/]+)/tables/(?P<table>[^/]+)/rows$")
 
 
-class PushFastPath:
-    """Pure ASGI wrapper: the rows PUT, by far the most frequent request, goes straight to its guarded handler,
-    skipping Starlette's middleware stack and router (about a third of that request's CPU in the API node);
-    every other request goes to the app. The handler, its errors and its answers are the app's own."""
+WWW_AUTHENTICATE = 'Bearer realm="congress"'
+REFUSALS = {401: "a valid token is required: send it as X-Auth-Token or Authorization: Bearer",
+            403: "this token may only read (GET); writing needs the admin role"}
 
-    def __init__(self, app: Starlette, push: Callable[[Request], Awaitable[Response]]):
+
+class PushFastPath:
+    """Pure ASGI front of the app. Every request passes the token check and the body limit here (so that no
+    route, the fast path included, can miss them). Then the rows PUT, by far the most frequent request, goes
+    straight to its guarded handler, skipping Starlette's middleware stack and router (about a third of that
+    request's CPU in the API node); every other request goes to the app. The handler, its errors and its
+    answers are the app's own."""
+
+    def __init__(self, app: Starlette, push: Callable[[Request], Awaitable[Response]], *, tokens: TokenCheck,
+                 max_body: int):
         self.app = app
         self.push = push
+        self.tokens = tokens
+        self.max_body = max_body
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        match = PUSH_PATH.match(scope["path"]) if scope["type"] == "http" and scope["method"] == "PUT" else None
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        method, path, headers = scope["method"], scope["path"], scope["headers"]
+        refused = None if path in OPEN_PATHS else refusal(method, self.tokens.role_of(self.tokens.presented(headers)))
+        if refused is not None:
+            await self.refuse(refused, scope, receive, send)
+            return
+        length = limits.content_length(headers)
+        if length is not None and length > self.max_body:
+            await too_large(self.max_body)(scope, receive, send)
+            return
+        if length is None:   # chunked: counted as it arrives (with a length, the HTTP parser holds it to it)
+            receive = limits.counted(receive, self.max_body)
+        match = PUSH_PATH.match(path) if method == "PUT" else None
         if match is None:
             await self.app(scope, receive, send)
             return
         scope["path_params"] = match.groupdict()
+        scope["endpoint"] = self.push   # what the router would have set: RequestMetrics names the route by it
         response = await self.push(Request(scope, receive))
         await response(scope, receive, send)
 
-
-def openapi_document(routes: list[Route]) -> dict:
-    """A small OpenAPI 3 document generated from the route table and the handlers' docstrings."""
-    paths: dict[str, dict] = {}
-    for route in routes:
-        for method in sorted(route.methods or []):
-            if method == "HEAD":
-                continue
-            doc = (route.endpoint.__doc__ or route.name).strip().splitlines()[0]
-            params = [{"name": n, "in": "path", "required": True, "schema": {"type": "string"}}
-                      for n in re.findall(r"{(\w+)}", route.path)]
-            paths.setdefault(route.path, {})[method.lower()] = {
-                "summary": doc, "operationId": f"{method.lower()}_{route.endpoint.__name__}",
-                "parameters": params, "responses": {"200": {"description": "OK"}}}
-    return {"openapi": "3.0.3", "info": {"title": "congressctl policy API (Congress v1)", "version": "1.0"},
-            "paths": paths}
+    async def refuse(self, status: int, scope: dict, receive: Callable, send: Callable) -> None:
+        response = error_response(status, REFUSALS[status])
+        if status == 401:
+            response.headers["WWW-Authenticate"] = WWW_AUTHENTICATE
+        await response(scope, receive, send)
 
 
 class _JoinedWrites:
@@ -553,10 +833,13 @@ class ApiPeNode(BusWorker):
         self.store = Store(self.redis, self.channels, origin=f"{cfg.node_id}/{self.incarnation}",
                            sync_replicas=cfg.bus.sync_replicas)
         t = cfg.timings
-        self.pe = PolicyNode(self.store, cfg.node_id, self.incarnation, t.peer_timeout_s, hold_s=t.heartbeat_s)
+        self.metrics = ApiPeMetrics(cfg.metrics)
+        self.pe = PolicyNode(self.store, cfg.node_id, self.incarnation, t.peer_timeout_s, hold_s=t.heartbeat_s,
+                             metrics=self.metrics)
         self.bus = Bus(self.redis, self.channels, heartbeat_s=t.heartbeat_s, peer_timeout_s=t.peer_timeout_s,
                        subscribe=[self.channels.notice, self.channels.diff], on_message=self.on_message,
                        on_connect=self.on_connect, heartbeat_payload=self.heartbeat_payload)
+        self.store.busy = self.bus.busy
         self.synced = False
         self.has_copy = False     # synced at least once: reads can answer from the copy while the bus is away
         self.api = Api(self)
@@ -564,7 +847,9 @@ class ApiPeNode(BusWorker):
         self.openapi = openapi_document(routes)
         push = next(r.endpoint for r in routes
                     if r.path.endswith("/tables/{table}/rows") and "PUT" in (r.methods or ()))
-        self.app = PushFastPath(Starlette(routes=routes), push)
+        self.app = self.metrics.asgi(PushFastPath(Starlette(routes=routes), push, tokens=TokenCheck(cfg.auth.tokens),
+                                                  max_body=cfg.limits.max_body_mb * 1024 * 1024), routes)
+        self.metrics.watch(ApiPeCollector(self))
         self.server: _Server | None = None
         self.sock: socket.socket | None = None
         self.http: asyncio.Task | None = None
@@ -586,12 +871,21 @@ class ApiPeNode(BusWorker):
         self.sock = sock
         # proxy_headers off: nothing here reads the client's address, and the middleware costs every request.
         # uvicorn annotates timeout_graceful_shutdown as int, but it is an asyncio.wait_for timeout: 0.5 works
+        served = self.cfg.api_tls
         config = uvicorn.Config(self.app, http=_Http, log_config=None, access_log=False, lifespan="off",
                                 proxy_headers=False, timeout_graceful_shutdown=IN_FLIGHT_S,  # type: ignore[arg-type]
-                                timeout_keep_alive=5)
+                                timeout_keep_alive=5, ssl_certfile=served.cert_file if served else None,
+                                ssl_keyfile=served.key_file if served else None)
+        try:
+            config.load()   # here, so that an unreadable certificate stops the start with its reason
+        except (OSError, ssl.SSLError) as exc:
+            sock.close()
+            raise NodeConfigError(f"cannot load the API certificate: {exc}", file=self.cfg.file,
+                                  field="api_tls") from exc
         self.server = _Server(config)
-        log.info("api-pe %s starting, incarnation %s, API on %s:%d", self.cfg.node_id, self.incarnation,
-                 self.cfg.api.bind, self.cfg.api.port)
+        await self.metrics.start()
+        log.info("api-pe %s starting, incarnation %s, API on %s://%s:%d", self.cfg.node_id, self.incarnation,
+                 "https" if served else "http", self.cfg.api.bind, self.cfg.api.port)
 
     def start_tasks(self) -> None:
         assert self.server is not None and self.sock is not None
@@ -625,6 +919,7 @@ class ApiPeNode(BusWorker):
         self.bus.stop()
 
     async def shutdown(self) -> None:
+        self.metrics.stop()
         await self.redis.aclose()
 
     async def on_connect(self) -> None:

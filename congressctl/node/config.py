@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,13 +12,36 @@ from typing import Any
 import yaml
 
 from congressctl.errors import NodeConfigError
-from congressctl.inventory import ROLES
+from congressctl.inventory import DEFAULT_MAX_BODY_MB, DEFAULT_MAX_ROWS_PER_PUT, ROLES, TOKEN_ROLES
+from congressctl.payloads import TokenHash
+
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass
 class ApiConfig:
     bind: str = "0.0.0.0"
     port: int = 1789
+    # a rows PUT with more rows is refused (413) before anything is written
+    max_rows_per_put: int = DEFAULT_MAX_ROWS_PER_PUT
+
+
+@dataclass
+class AuthConfig:
+    tokens: list[TokenHash] = field(default_factory=list)   # none: every request but / and /healthz is 401
+
+
+@dataclass
+class LimitsConfig:
+    max_body_mb: int = DEFAULT_MAX_BODY_MB
+
+
+@dataclass
+class ApiTlsConfig:
+    """The certificate the api-pe serves HTTPS with (the `api_tls` section; without it, plain HTTP)."""
+
+    cert_file: str
+    key_file: str
 
 
 @dataclass
@@ -29,6 +53,20 @@ class BusConfig:
     tls: bool = False
     tls_ca_file: str | None = None
     sync_replicas: int = 0     # replicas that must confirm a write before it is acknowledged (0: asynchronous)
+
+
+@dataclass
+class MetricsConfig:
+    """Where each role serves /metrics (0: nowhere; a config without the section serves none), and whether
+    the node records its request and latency histograms at all (`record: false` is the benchmark's baseline)."""
+
+    bind: str = "127.0.0.1"
+    api_pe_port: int = 0
+    dsd_port: int = 0
+    record: bool = True
+
+    def port(self, role: str) -> int:
+        return self.api_pe_port if role == "api-pe" else self.dsd_port
 
 
 @dataclass
@@ -54,6 +92,17 @@ class Paths:
 
 
 @dataclass
+class DatasourceRules:
+    """URL prefixes an http datasource's url and action_url must start with (none: no http datasource, and no
+    action_url, is allowed)."""
+
+    allowed_urls: list[str] = field(default_factory=list)
+
+    def refused(self, url: str) -> bool:
+        return not any(url.startswith(prefix) for prefix in self.allowed_urls)
+
+
+@dataclass
 class TestHooks:
     """Fault injection read only by tests: publications to drop, as "ds:table:seq" (any epoch)."""
 
@@ -70,7 +119,12 @@ class NodeConfig:
     timings: NodeTimings
     paths: Paths
     test_hooks: TestHooks
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    datasources: DatasourceRules = field(default_factory=DatasourceRules)
     file: str = ""
+    api_tls: ApiTlsConfig | None = None
 
 
 def _fail(path: str, field_name: str, message: str) -> NodeConfigError:
@@ -141,8 +195,19 @@ def load_node_config(path: str | os.PathLike) -> NodeConfig:
         raise _fail(path, "roles", f"must be a list of {', '.join(ROLES)}")
 
     api_s = _section(doc, "api", path)
+    max_rows = _typed(api_s, "max_rows_per_put", int, DEFAULT_MAX_ROWS_PER_PUT, path, "api")
     api = ApiConfig(bind=str(_typed(api_s, "bind", str, "0.0.0.0", path, "api")),
-                    port=_typed(api_s, "port", int, 1789, path, "api"))
+                    port=_typed(api_s, "port", int, 1789, path, "api"),
+                    max_rows_per_put=int(_positive(max_rows, path, "api.max_rows_per_put")))
+    auth = AuthConfig(tokens=_tokens(_section(doc, "auth", path).get("tokens", []), path))
+    limits = LimitsConfig(max_body_mb=_typed(_section(doc, "limits", path), "max_body_mb", int, DEFAULT_MAX_BODY_MB,
+                                             path, "limits"))
+    _positive(limits.max_body_mb, path, "limits.max_body_mb")
+    tls_s = _section(doc, "api_tls", path)
+    api_tls = ApiTlsConfig(cert_file=_typed(tls_s, "cert_file", str, "", path, "api_tls"),
+                           key_file=_typed(tls_s, "key_file", str, "", path, "api_tls")) if tls_s else None
+    if api_tls and not (api_tls.cert_file and api_tls.key_file):
+        raise _fail(path, "api_tls", "needs cert_file and key_file")
     bus_s = _section(doc, "bus", path, required=True)
     if "host" not in bus_s:
         raise _fail(path, "bus.host", "required")
@@ -167,9 +232,43 @@ def load_node_config(path: str | os.PathLike) -> NodeConfig:
     p_s = _section(doc, "paths", path)
     paths = Paths(log_dir=_typed(p_s, "log_dir", str, Paths.log_dir, path, "paths"),
                   state_dir=_typed(p_s, "state_dir", str, Paths.state_dir, path, "paths"))
+    m_s = _section(doc, "metrics", path)
+    metrics = MetricsConfig(bind=_typed(m_s, "bind", str, api.bind, path, "metrics"),
+                            api_pe_port=_typed(m_s, "api_pe_port", int, 0, path, "metrics"),
+                            dsd_port=_typed(m_s, "dsd_port", int, 0, path, "metrics"),
+                            record=_typed(m_s, "record", bool, True, path, "metrics"))
+    for name in ("api_pe_port", "dsd_port"):
+        if not 0 <= getattr(metrics, name) <= 65535:
+            raise _fail(path, f"metrics.{name}", "must be 0 (no /metrics) or a port")
     h_s = _section(doc, "test_hooks", path)
     drops = h_s.get("drop_publish", [])
     if not isinstance(drops, list) or not all(isinstance(d, str) for d in drops):
         raise _fail(path, "test_hooks.drop_publish", "must be a list of 'ds:table:seq' strings")
     return NodeConfig(cluster=doc["cluster"], node_id=doc["node_id"], roles=list(roles), api=api, bus=bus,
-                      timings=timings, paths=paths, test_hooks=TestHooks(drop_publish=drops), file=path)
+                      timings=timings, paths=paths, test_hooks=TestHooks(drop_publish=drops), metrics=metrics,
+                      auth=auth, limits=limits,
+                      datasources=_datasource_rules(_section(doc, "datasources", path), path), file=path,
+                      api_tls=api_tls)
+
+
+def _tokens(items: Any, path: str) -> list[TokenHash]:
+    if not isinstance(items, list):
+        raise _fail(path, "auth.tokens", "must be a list of {name, role, sha256}")
+    tokens = []
+    for i, item in enumerate(items):
+        where = f"auth.tokens[{i}]"
+        if not isinstance(item, dict) or not all(isinstance(item.get(k), str) for k in ("name", "role", "sha256")):
+            raise _fail(path, where, "must be {name, role, sha256} strings")
+        if item["role"] not in TOKEN_ROLES:
+            raise _fail(path, f"{where}.role", f"must be one of {', '.join(TOKEN_ROLES)}")
+        if not SHA256_HEX.match(item["sha256"]):
+            raise _fail(path, f"{where}.sha256", "must be 64 lowercase hex digits (the sha256 of the token)")
+        tokens.append(TokenHash.from_dict(item))
+    return tokens
+
+
+def _datasource_rules(section: dict, path: str) -> DatasourceRules:
+    allowed = section.get("allowed_urls", [])
+    if not isinstance(allowed, list) or not all(isinstance(u, str) and u for u in allowed):
+        raise _fail(path, "datasources.allowed_urls", "must be a list of URL prefixes")
+    return DatasourceRules(allowed_urls=list(allowed))

@@ -6,12 +6,16 @@ A datasource definition (as stored and as the API returns it):
               "url": "http://...", "poll_interval": 1.0,                   # http only
               "action_url": "http://..."}}                                 # optional, both drivers
 Columns may also be given as a plain list (`"tables": {"t": ["a", "b"]}`); they are normalised.
+Config as `openstack congress datasource create --config k=v` sends it (every value a string) is taken too:
+`tables` as a JSON string, or one `tables.<name>` key per table with its columns comma-separated
+(`tables.vms=id,state`), and `poll_interval` as a numeric string.
 Actions are POSTed to action_url as JSON {"action_id", "datasource", "action", "args"}.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -24,7 +28,8 @@ from typing import Any
 
 import httpx
 
-from congressctl.errors import ActionDeliveryError, DatasourceConfigError
+from congressctl.errors import ActionDeliveryError, DatasourceConfigError, InputLimitError
+from congressctl.node.limits import MAX_JSON_DEPTH, MAX_TEXT_CHARS, check_name, check_text, deeper_than
 from congressctl.payloads import DriverStatus
 
 log = logging.getLogger("congressctl.drivers")
@@ -45,11 +50,73 @@ def _check_url(value: Any, field_name: str) -> str:
     return value
 
 
+# Each driver's config options and what they mean, as Congress's driver info (GET /v1/system/drivers/{id})
+# describes them: "(required) ..." or "(optional) ...".
+_TABLES_OPTION = ("(required) the tables and their columns: {\"<table>\": [\"<column>\", ...]} (also as a JSON "
+                  "string, or one tables.<table>=col1,col2 option per table)")
+_ACTION_URL_OPTION = ("(optional) http(s) URL each action is POSTed to as JSON {action_id, datasource, action, "
+                      "args}")
+DRIVER_INFO: dict[str, dict[str, Any]] = {
+    "push": {
+        "description": "rows replaced through the API (PUT /v1/data-sources/{ds}/tables/{table}/rows)",
+        "config": {"tables": _TABLES_OPTION, "action_url": _ACTION_URL_OPTION},
+    },
+    "http": {
+        "description": "polls a JSON URL and maps fields to columns",
+        "config": {"tables": _TABLES_OPTION + "; a table may be {\"columns\": [...], \"path\": \"a.b\"}, the "
+                             "dotted path of its list in the polled document",
+                   "url": "(required) http(s) URL of the JSON document polled",
+                   "poll_interval": "(optional) seconds between polls (default 1.0); request-refresh polls at once",
+                   "action_url": _ACTION_URL_OPTION},
+    },
+}
+
+
+def driver_info(driver: str) -> dict | None:
+    """Congress's driver info: id, description, config options with their meaning, secret options, tables
+    (none fixed: every table is declared by the datasource's config)."""
+    info = DRIVER_INFO.get(driver)
+    if info is None:
+        return None
+    return {"id": driver, "description": info["description"], "config": dict(info["config"]), "secret": [],
+            "module": f"congressctl.node.drivers.{driver}", "tables": []}
+
+
+def _cli_config(config: dict) -> dict:
+    """Config values given as strings (the CLI's --config k=v) in their JSON form."""
+    out = {k: v for k, v in config.items() if not k.startswith("tables.")}
+    split = {k[len("tables."):]: v for k, v in config.items() if k.startswith("tables.")}
+    tables = out.get("tables")
+    if isinstance(tables, str):
+        try:
+            out["tables"] = json.loads(tables)
+        except ValueError:
+            raise DatasourceConfigError("is a string but not JSON: give {\"<table>\": [columns]} or "
+                                        "tables.<table>=col1,col2", field="config.tables") from None
+    if split:
+        if not isinstance(out.get("tables", {}), dict):
+            raise DatasourceConfigError("cannot be given both whole and as tables.<name>", field="config.tables")
+        merged = dict(out.get("tables") or {})
+        for table, columns in split.items():
+            merged[table] = ([c.strip() for c in columns.split(",") if c.strip()] if isinstance(columns, str)
+                             else columns)
+        out["tables"] = merged
+    interval = out.get("poll_interval")
+    if isinstance(interval, str):
+        try:
+            out["poll_interval"] = float(interval)
+        except ValueError:
+            raise DatasourceConfigError(f"must be a number > 0, got {interval!r}",
+                                        field="config.poll_interval") from None
+    return out
+
+
 def normalize_datasource(body: Any) -> dict:
     """Check an API body for a new datasource and return its canonical definition (without id)."""
     if not isinstance(body, dict):
         raise DatasourceConfigError("body must be a JSON object")
     name = body.get("name")
+    check_name(name, "name")
     if not isinstance(name, str) or not NAME_RE.match(name) or ":" in name:
         raise DatasourceConfigError(f"must be a name of letters, digits, _ - . (got {name!r})", field="name")
     driver = body.get("driver")
@@ -58,11 +125,13 @@ def normalize_datasource(body: Any) -> dict:
     config = body.get("config") or {}
     if not isinstance(config, dict):
         raise DatasourceConfigError("must be an object", field="config")
+    config = _cli_config(config)
     tables = config.get("tables")
     if not isinstance(tables, dict) or not tables:
         raise DatasourceConfigError("must map each table name to its columns", field="config.tables")
     norm_tables: dict[str, dict] = {}
     for table, spec in tables.items():
+        check_name(table, "config.tables")
         where = f"config.tables.{table}"
         if not isinstance(table, str) or not NAME_RE.match(table):
             raise DatasourceConfigError(f"bad table name {table!r}", field=where)
@@ -71,6 +140,8 @@ def normalize_datasource(body: Any) -> dict:
         if not isinstance(spec, dict):
             raise DatasourceConfigError("must be a list of columns or {columns: [...]}", field=where)
         columns = spec.get("columns")
+        for column in columns if isinstance(columns, list) else ():
+            check_name(column, where + ".columns")
         if (not isinstance(columns, list) or not columns
                 or not all(isinstance(c, str) and NAME_RE.match(c) for c in columns)
                 or len(set(columns)) != len(columns)):
@@ -95,6 +166,7 @@ def normalize_datasource(body: Any) -> dict:
     enabled = body.get("enabled", True)
     if not isinstance(description, str):
         raise DatasourceConfigError("must be a string", field="description")
+    check_text(description, "description")
     if not isinstance(enabled, bool):
         raise DatasourceConfigError("must be true or false", field="enabled")
     return {"name": name, "driver": driver, "config": norm, "description": description, "enabled": enabled}
@@ -113,14 +185,33 @@ def cell(value: Any) -> int | float | str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
+def pushed_cell(value: Any, room: int) -> int | float | str:
+    """A cell of a pushed row, within the bounds: at most MAX_TEXT_CHARS, nesting within `room` more levels."""
+    if isinstance(value, str):
+        if len(value) > MAX_TEXT_CHARS:
+            raise InputLimitError(f"longer than {MAX_TEXT_CHARS} characters ({len(value)})")
+        return value
+    if isinstance(value, (list, dict)):
+        if deeper_than(value, room):
+            raise InputLimitError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+        text = json.dumps(value, sort_keys=True, separators=(",", ":"))
+        if len(text) > MAX_TEXT_CHARS:
+            raise InputLimitError(f"longer than {MAX_TEXT_CHARS} characters as JSON ({len(text)})")
+        return text
+    return cell(value)
+
+
 def coerce_rows(rows: Any, columns: list[str]) -> list[Row]:
-    """Rows pushed through the API: lists, {"data": [...]}, or objects keyed by column name."""
+    """Rows pushed through the API: lists, {"data": [...]}, or objects keyed by column name. This walk over the
+    cells is also where their bounds are checked (length, nesting): the hot path walks them once."""
     if not isinstance(rows, list):
         raise DatasourceConfigError("rows must be a JSON list")
     out = []
     for i, row in enumerate(rows):
+        room = MAX_JSON_DEPTH - 2    # the list of rows, and the row
         if isinstance(row, dict) and "data" in row:
             row = row["data"]
+            room -= 1
         if isinstance(row, dict):
             unknown = set(row) - set(columns)
             if unknown:
@@ -128,8 +219,20 @@ def coerce_rows(rows: Any, columns: list[str]) -> list[Row]:
             row = [row.get(c) for c in columns]
         if not isinstance(row, list) or len(row) != len(columns):
             raise DatasourceConfigError(f"needs {len(columns)} values ({', '.join(columns)})", field=f"rows[{i}]")
-        out.append(tuple(cell(v) for v in row))
+        try:
+            out.append(tuple([v if type(v) is int else pushed_cell(v, room) for v in row]))
+        except InputLimitError:
+            _refuse_cell(row, i, room)
     return out
+
+
+def _refuse_cell(row: list, i: int, room: int) -> None:
+    """Raise the error of the row's first cell out of bounds, naming it (found again only on this error path)."""
+    for j, value in enumerate(row):
+        try:
+            pushed_cell(value, room)
+        except InputLimitError as exc:
+            raise InputLimitError(exc.message, field=f"rows[{i}][{j}]") from None
 
 
 def extract_rows(document: Any, path: str, columns: list[str]) -> set[Row]:
@@ -173,9 +276,15 @@ class Driver:
     def tables(self) -> dict[str, list[str]]:
         return table_columns(self.ds)
 
+    refresh: asyncio.Event = field(default_factory=asyncio.Event)
+
     async def run(self, emit: Emit) -> None:
         """Push drivers wait forever; their rows arrive through DSD.refresh_pushed."""
         await asyncio.Event().wait()
+
+    def request_refresh(self) -> None:
+        """Poll now rather than at the next interval (request-refresh); nothing to poll for a push driver."""
+        self.refresh.set()
 
     async def execute(self, action_id: str, action: str, args: list) -> None:
         url = self.ds["config"].get("action_url")
@@ -211,6 +320,7 @@ class HttpDriver(Driver):
         interval = self.ds["config"].get("poll_interval", 1.0)
         while True:
             started = time.monotonic()
+            self.refresh.clear()
             try:
                 tables = await self.poll_once()
             except (httpx.HTTPError, ValueError, DatasourceConfigError) as exc:
@@ -221,7 +331,9 @@ class HttpDriver(Driver):
                 for table, rows in tables.items():
                     await emit(table, rows)
                 self.status.initialized = True
-            await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, interval - (time.monotonic() - started))):
+                    await self.refresh.wait()
 
 
 class HttpPoster:

@@ -14,7 +14,8 @@ leader and its buffered requests whose ids have not run are run ("replayed"). An
 memory before running (bounded, FIFO) and claimed in Redis (executed_ttl_s, 1 h by default) before the HTTP
 POST, so a restarted DSD, or a stale one coming back from SIGSTOP, never runs it again (PEs send their last
 30 s of requests again when a new DSD process appears; these claims make that safe). The claims of every
-request ready when the ledger loop comes round go in one round trip, which also refuses a stale epoch.
+request ready when the ledger loop comes round go in one round trip, which also refuses a stale epoch; a POST
+starting more than CLAIM_FRESH_S after its claim (the process was paused in between) reads the epoch again.
 A claim reads "run:<epoch>" until the POST is answered, then "done". A newer DSD takes over a claim still
 "run" by an older epoch: that DSD died or was cut off mid-POST, and its POST may never have arrived. The one
 case left is a DSD lost between the sink's answer and the "done" mark (about a round trip): the action
@@ -22,28 +23,68 @@ then arrives twice, with the same action_id for the receiver to drop the second.
 Only heartbeats of PEs that report themselves synced count as "hearing from" a PE. A PE sends its requests
 in messages {"pe", "inc", "reqs": [...]}; one that is not the leader sends them in batches (see pe.py).
 
-Pushed rows arrive in the push notice with their version (a per-table counter kept in the store); a notice or
-store read older than what the table already publishes is skipped, so a full sync racing the notices never
-moves a table back.
+Liveness (issue 12). Pacemaker sees only what the OCF agent reports, and a process that exists is not a DSD
+that works: paused (SIGSTOP) or hung, it polls nothing and runs no action. So the DSD rewrites its liveness file
+(`DsdLiveness`, atomically) at every heartbeat from its event loop, and the agent's monitor fails once the file
+is older than `stale_after_s`. Cut off from its bus (a partition of the bus port only) the DSD can claim no
+action, so it runs none; once that lasts past BUS_OUTAGE_GRACE_S, longer than a bus failover, the file names
+the problem and the agent fails the monitor (and a start on such a host) so that Pacemaker moves the DSD.
+
+Pushes (issue 15). A push replaces a table, and the store keeps it as the difference against the previous
+push, numbered by the table's push version, in a bounded log (store.py). The DSD publishes every version, in
+order, each as its own diff: from the notice (small diffs travel in it) or from the log. So when notices were
+lost (the DSD's session was down, or the bus refused a publication: a full disk), the next notice, reconnect or
+periodic sync publishes each push it missed, and an action derived from a push that a later one replaced
+still runs. A DSD further behind than the log reaches reads the pushed rows whole. A notice or store read
+older than what the table already publishes is skipped, so a full sync racing the notices never moves a table
+back. Published versions are dropped from the log with the next publication (the DSD is its only reader).
+
+Large tables. A diff too large for a pub/sub message goes through the store in chunks (store.publish_table); a
+change of more than half a large table is published in full, staged in chunks as the next snapshot, which the
+PEs then read in pieces.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import math
+import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import httpx
+from redis.exceptions import ResponseError
 
-from congressctl.bus import Bus
+from congressctl.bus import Bus, command
 from congressctl.errors import ActionDeliveryError, BusError, DatasourceConfigError
 from congressctl.node.config import NodeConfig
 from congressctl.node.drivers import Driver, HttpPoster, Row, make_driver
-from congressctl.node.runtime import BusWorker
-from congressctl.node.store import Store, row_key
-from congressctl.payloads import DatasourceStatus, DsdCounts, DsdHeartbeat, Leader, PeHeartbeat
+from congressctl.node.metrics import DsdCollector, DsdMetrics
+from congressctl.node.runtime import BUS_OUTAGE_GRACE_S, BusWorker
+from congressctl.node.store import (
+    CHUNK_ROWS,
+    INLINE_BYTES,
+    PUSH_LOG_MAX,
+    Store,
+    cannot_save,
+    common,
+    inline_size,
+    minus,
+    row_key,
+    row_keys_of,
+)
+from congressctl.payloads import (
+    DatasourceStatus,
+    DsdCounts,
+    DsdHeartbeat,
+    DsdLiveness,
+    Leader,
+    PeHeartbeat,
+    RefreshRequest,
+)
 
 log = logging.getLogger("congressctl.dsd")
 
@@ -172,11 +213,39 @@ class TableState:
     rows: set[str] = field(default_factory=set)
     push_version: int = 0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    passed: list[int] = field(default_factory=list)   # push versions published, to drop from the push log
 
+
+# Push versions a DSD collects before a publication drops them from the push log (a DSD that read the pushed
+# rows whole drops the last PUSH_LOG_MAX of those it skipped: older ones are gone by the log's own bound).
+TRIM_BATCH = 16
 
 # How long an action request waits for the bus to take its claim (a bus failover is a few seconds) before it
 # counts as failed.
 CLAIM_PATIENCE_S = 30.0
+# A claim older than this when its POST is about to start may have waited out a pause (SIGSTOP) of this process,
+# meanwhile a newer DSD may have taken the action over (it takes over claims of older epochs): the epoch is
+# read again first. A claim's POST normally starts within milliseconds.
+CLAIM_FRESH_S = 0.5
+
+
+# The DSD counts as hung once its liveness file is older than 3 peer timeouts (PEs already take a node that
+# silent for gone; three leave a loaded host's scheduling hiccups and a full garbage collection far behind),
+# and never under 2 s, since the agent compares file times in whole seconds.
+LIVENESS_PEER_TIMEOUTS = 3
+LIVENESS_MIN_STALE_S = 2
+
+
+def stale_after_s(peer_timeout_s: float) -> int:
+    return max(LIVENESS_MIN_STALE_S, math.ceil(LIVENESS_PEER_TIMEOUTS * peer_timeout_s))
+
+
+def write_liveness(path: str, record: DsdLiveness) -> None:
+    """Replace the liveness file in one rename, so that its reader never sees half a record."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(json.dumps(record.to_dict(), separators=(",", ":")) + "\n")
+    os.replace(tmp, path)
 
 
 class StaleEpoch(Exception):
@@ -184,8 +253,11 @@ class StaleEpoch(Exception):
 
 
 class DsdNode(BusWorker):
-    def __init__(self, cfg: NodeConfig):
+    def __init__(self, cfg: NodeConfig, live_file: str | None = None):
         super().__init__(cfg)
+        self.live_file = live_file
+        self.live_error: str | None = None     # the last failure to write the liveness file, logged once
+        self.bus_answered = time.monotonic()   # when Redis last answered anything (bus_probe_loop)
         self.store = Store(self.redis, self.channels, sync_replicas=cfg.bus.sync_replicas)
         t = cfg.timings
         self.leadership = Leadership(t.peer_timeout_s, buffer_s=2 * t.peer_timeout_s + 1.0)
@@ -193,6 +265,7 @@ class DsdNode(BusWorker):
                        subscribe=[self.channels.notice, self.channels.action, self.channels.push],
                        on_message=self.on_message, on_connect=self.on_connect,
                        heartbeat_payload=self.heartbeat_payload)
+        self.store.busy = self.bus.busy
         self.epoch: int | None = None
         self.drivers: dict[str, Driver] = {}
         self.driver_tasks: dict[str, asyncio.Task] = {}
@@ -206,10 +279,13 @@ class DsdNode(BusWorker):
         self.ledger_due = asyncio.Event()
         self.stale = False
         self.touched: dict[str, float] = {}   # datasource id -> when a notice last started/stopped it
+        self.metrics = DsdMetrics(cfg.metrics)
+        self.metrics.watch(DsdCollector(self))
 
     # -- worker shape ---------------------------------------------------------------------------------
     async def startup(self) -> None:
         self.http = httpx.AsyncClient(timeout=httpx.Timeout(5.0, connect=2.0))
+        await self.metrics.start()
         log.info("dsd %s starting, incarnation %s", self.cfg.node_id, self.incarnation)
 
     def start_tasks(self) -> None:
@@ -219,11 +295,15 @@ class DsdNode(BusWorker):
         self.tasks.spawn(self.full_sync_loop(), "full-sync", critical=True)
         self.tasks.spawn(self.fence_loop(), "fence", critical=True)
         self.tasks.spawn(self.ledger_loop(), "ledger", critical=True)
+        if self.live_file:
+            self.tasks.spawn(self.bus_probe_loop(), "bus-probe", critical=True)
+            self.tasks.spawn(self.liveness_loop(self.live_file), "liveness", critical=True)
 
     def stop_taking_work(self) -> None:
         self.bus.stop()
 
     async def shutdown(self) -> None:
+        self.metrics.stop()
         await self.flush_marks()
         if self.http is not None:
             await self.http.aclose()
@@ -242,6 +322,45 @@ class DsdNode(BusWorker):
             datasources={d.id: DatasourceStatus(name=d.name, status=d.status) for d in self.drivers.values()},
         ).to_dict()
 
+    # -- liveness -------------------------------------------------------------------------------------
+    def liveness(self) -> DsdLiveness:
+        """This DSD as its OCF agent judges it: see the module docstring."""
+        silent = time.monotonic() - self.bus_answered
+        problem = None
+        if silent > BUS_OUTAGE_GRACE_S:
+            # quotes and backslashes left out: the shell agent reads this JSON string with sed
+            cause = (self.bus.last_error or "no message, not even its own heartbeat").translate(
+                {ord('"'): "'", ord("\\"): "/"})
+            problem = (f"control bus {self.cfg.bus.host}:{self.cfg.bus.port} unreachable from this host for "
+                       f"{silent:.1f}s (over {BUS_OUTAGE_GRACE_S:.0f}s, longer than a bus failover): {cause}")
+        return DsdLiveness(node=self.cfg.node_id, inc=self.incarnation, pid=os.getpid(), ts=time.time(),
+                           stale_after_s=stale_after_s(self.cfg.timings.peer_timeout_s), epoch=self.epoch,
+                           bus_silent_s=round(silent, 3), problem=problem)
+
+    async def bus_probe_loop(self) -> None:
+        """Whether Redis answers at all, apart from the subscription: a bus that refuses writes (its disk is
+        full) breaks the subscription's resync again and again, yet is reachable, and no other host would do
+        better, so the DSD must not move for it. Its own task, so that a hung bus never delays the file."""
+        while not self.bus.stopping:
+            try:
+                await command(self.redis.ping(), "bus probe")
+                self.bus_answered = time.monotonic()
+            except BusError as exc:
+                if isinstance(exc.__cause__, ResponseError):   # an answer, if a refusal
+                    self.bus_answered = time.monotonic()
+            await self.bus.wait_stop(self.cfg.timings.heartbeat_s)
+
+    async def liveness_loop(self, path: str) -> None:
+        while not self.bus.stopping:
+            try:
+                write_liveness(path, self.liveness())
+                self.live_error = None
+            except OSError as exc:
+                if self.live_error != str(exc):
+                    log.error("liveness file %s not written (the agent will take this DSD for hung): %s", path, exc)
+                self.live_error = str(exc)
+            await self.bus.wait_stop(self.cfg.timings.heartbeat_s)
+
     # -- bus ------------------------------------------------------------------------------------------
     async def on_connect(self) -> None:
         if self.epoch is None:
@@ -252,7 +371,9 @@ class DsdNode(BusWorker):
     async def on_message(self, channel: str, data: dict) -> None:
         ch = self.channels
         now = time.monotonic()
-        if channel == ch.action:
+        if channel == ch.action and "refresh" in data:
+            self.request_refresh(RefreshRequest.from_dict(data))
+        elif channel == ch.action:
             try:
                 requests = requests_of(data, now)
             except ValueError as exc:
@@ -273,6 +394,14 @@ class DsdNode(BusWorker):
                 await self.start_datasource(ds)
             elif data.get("op") == "delete":
                 self.stop_datasource(ds.get("id"))
+
+    def request_refresh(self, req: RefreshRequest) -> None:
+        driver = self.drivers.get(req.refresh)
+        if driver is None:
+            log.info("refresh of datasource %s asked by %s: not running here", req.refresh, req.pe)
+            return
+        log.info("refresh of datasource %s asked by %s", driver.name, req.pe)
+        driver.request_refresh()
 
     async def leader_loop(self) -> None:
         interval = min(self.cfg.timings.heartbeat_s, 0.1)
@@ -360,75 +489,177 @@ class DsdNode(BusWorker):
         log.info("datasource %s stopped", driver.name)
 
     async def _republish(self, driver: Driver) -> None:
-        """Publish each table in full with the next seq: at epoch start, and after a reconnect."""
+        """Publish each table in full with the next seq: at epoch start, and after a reconnect (after the pushes
+        missed meanwhile, each as its diff: a full publication alone would skip the rows of every push but the
+        last, and the actions derived from them)."""
         for table in driver.tables:
             state = self.tables[(driver.id, table)]
             version = None
             if driver.ds["driver"] == "push":
-                version, pushed = await self.store.pushed_rows(driver.id, table)
-                rows = {row_key(r) for r in pushed}
+                pushed = await self._pushed_as_published(state)
+                if pushed is None:
+                    continue
+                version, rows = pushed
             elif state.seq == 0:
                 rows = {row_key(r) for r in (await self.store.snapshot(driver.id, table)).rows}
             else:
                 rows = set(state.rows)
             await self._publish(state, rows, full=True, push_version=version)
 
+    async def _pushed_as_published(self, state: TableState) -> tuple[int, set[str]] | None:
+        """The pushed rows once every push before them is published (None: one waits, the bus cannot save).
+        A push may come between publishing the missed ones and reading the rows: a full publication of rows
+        newer than what was published would skip that push's own diff, and the actions derived from it."""
+        while self.tables.get((state.ds_id, state.table)) is state:
+            if state.seq > 0 and not await self.publish_pushes(state):
+                return None
+            version, rows = await self.store.pushed_keys(state.ds_id, state.table)
+            if state.seq == 0 or version <= state.push_version:
+                return version, rows
+        return None   # the datasource went away meanwhile
+
     async def on_push(self, data: dict) -> None:
-        """A push notice carries the rows and their version. One without them comes from an older API node,
-        whose push bumps no version: the stored rows are read and published whatever their version."""
-        ds_id, table, rows, version = data.get("ds_id", ""), data.get("table", ""), data.get("rows"), data.get("v")
+        """A push notice names the version, and carries its diff when small; every version the table has not
+        published yet is published, in order."""
+        ds_id, table, version = data.get("ds_id", ""), data.get("table", ""), data.get("v")
         state = self.tables.get((ds_id, table))
         if state is None:
             return
-        if not isinstance(rows, list) or not isinstance(version, int):
-            _, stored = await self.store.pushed_rows(state.ds_id, state.table)
-            await self._publish(state, {row_key(r) for r in stored}, full=False)
+        if not isinstance(version, int) or "n_add" not in data:
+            # from an older API node, whose push may bump no version: the stored rows, whatever their version
+            _, stored = await self.store.pushed_keys(state.ds_id, state.table)
+            await self._publish(state, stored, full=False)
             return
-        await self._publish(state, {row_key(r) for r in rows}, full=False, push_version=version)
+        inline = {}
+        if isinstance(data.get("add"), list) and isinstance(data.get("del"), list):
+            inline[version] = (row_keys_of(data["add"]), row_keys_of(data["del"]))
+        await self.publish_pushes(state, latest=version, inline=inline)
+
+    async def publish_pushes(self, state: TableState, *, latest: int | None = None,
+                             inline: dict[int, tuple[list[str], list[str]]] | None = None) -> bool:
+        """Publish every push version the table has not published, oldest first, each as its diff (from
+        `inline` or the push log; the pushed rows whole once the log no longer has it); whether none waits any
+        more. One the bus refuses while it cannot save waits, with those after it, for the next push or sync:
+        the session goes on, since ending it would lose the notices published meanwhile. Any other failure
+        raises (the session is made again, and its resync publishes what waits)."""
+        inline = inline or {}
+        try:
+            if latest is None:
+                latest = await self.store.pushed_version(state.ds_id, state.table)
+            while state.push_version < latest:
+                before = state.push_version
+                version = before + 1
+                diff = inline.get(version) or await self.store.push_diff(state.ds_id, state.table, version)
+                if diff is None:
+                    stored, rows = await self.store.pushed_keys(state.ds_id, state.table)
+                    log.info("%s:%s: push %d not in the push log; publishing the pushed rows (version %d)",
+                             state.ds_name, state.table, version, stored)
+                    await self._publish(state, rows, full=False, push_version=stored)
+                else:
+                    await self._publish_diff(state, *diff, push_version=version)
+                if state.push_version == before:
+                    return True   # the table went away, or a newer publication took over
+        except BusError as exc:
+            if not cannot_save(exc):
+                raise
+            log.warning("push(es) %d-%s of %s:%s not published yet: %s", state.push_version + 1, latest,
+                        state.ds_name, state.table, exc)
+            return False
+        return True
 
     async def refresh_pushed(self, ds_id: str, table: str) -> None:
-        """Publish the stored pushed rows when their version is newer than the table's (read first, so that
-        the periodic full sync reads no rows of a table already in step)."""
+        """Publish the pushes newer than what the table publishes (the version is read first, so that the
+        periodic full sync reads no rows of a table already in step)."""
         state = self.tables.get((ds_id, table))
-        if state is None or await self.store.pushed_version(ds_id, table) <= state.push_version:
-            return
-        version, rows = await self.store.pushed_rows(ds_id, table)
-        await self._publish(state, {row_key(r) for r in rows}, full=False, push_version=version)
+        if state is not None:
+            await self.publish_pushes(state)
 
     async def set_rows(self, driver: Driver, table: str, rows: set[Row]) -> None:
         state = self.tables.get((driver.id, table))
         if state is not None:
             await self._publish(state, {row_key(r) for r in rows}, full=False)
 
+    def _current(self, state: TableState, push_version: int | None, full: bool) -> bool:
+        if self.tables.get((state.ds_id, state.table)) is not state:
+            return False
+        return push_version is None or push_version > state.push_version or (
+            push_version == state.push_version and full)
+
     async def _publish(self, state: TableState, rows: set[str], full: bool, push_version: int | None = None) -> None:
+        """Publish the table as `rows`: in full, or as the diff against what it publishes now."""
         async with state.lock:
-            if self.tables.get((state.ds_id, state.table)) is not state:
+            if not self._current(state, push_version, full):
                 return
-            if push_version is not None and (push_version < state.push_version
-                                             or (push_version == state.push_version and not full)):
+            if full:
+                await self._send(state, rows, set(), full=True, rows=rows, push_version=push_version)
+            else:
+                added = await minus(rows, state.rows) if state.rows else rows
+                await self._send(state, added, await minus(state.rows, rows), full=False, rows=rows,
+                                 push_version=push_version)
+
+    async def _publish_diff(self, state: TableState, add: list[str], delete: list[str], push_version: int) -> None:
+        """Publish one push's difference (rows it added and deleted) against what the table publishes."""
+        async with state.lock:
+            if not self._current(state, push_version, False):
                 return
-            added = sorted(rows if full else rows - state.rows)
-            deleted = [] if full else sorted(state.rows - rows)
-            if not full and not added and not deleted:
-                return
-            seq = state.seq + 1
-            publish = f"{state.ds_name}:{state.table}:{seq}" not in self.drop
-            assert self.epoch is not None
-            ok = await self.store.publish_table(state.ds_id, state.ds_name, state.table, self.epoch, seq,
-                                                added, deleted, full, publish)
-            if not ok:
-                self.stale = True
-                raise BusError(f"epoch {self.epoch} superseded; not publishing {state.ds_name}:{state.table}")
-            state.seq = seq
+            published = state.rows
+            await self._send(state, await minus(add, published), await common(delete, published),
+                             full=False, rows=None, push_version=push_version)
+
+    async def _send(self, state: TableState, added: set[str], deleted: set[str], *, full: bool,
+                    rows: set[str] | None, push_version: int | None) -> None:
+        """One publication under the table's lock; `rows` is the table after it (None: the published rows with
+        the diff applied)."""
+        if not full and not added and not deleted:
+            self._passed(state, push_version)
+            return
+        seq = state.seq + 1
+        publish = f"{state.ds_name}:{state.table}:{seq}" not in self.drop
+        assert self.epoch is not None
+        # more than half of a large table changes: sent whole (staged as the next snapshot, which the PEs read in
+        # pieces), since a diff as large costs Redis more than the table
+        large = len(added) + len(deleted) > max(CHUNK_ROWS, len(state.rows) // 2)
+        if large and not full:
+            if rows is None:
+                rows = await minus(state.rows, deleted)
+                rows |= added
+            full = True
+        new_rows = None
+        if full and (large or inline_size(added) > INLINE_BYTES):
+            new_rows = rows
+            added_list, deleted_list = [], []
+        elif len(added) + len(deleted) > CHUNK_ROWS:
+            added_list, deleted_list = list(added), list(deleted)   # unsorted: sorting them would stop the loop
+        else:
+            added_list, deleted_list = sorted(added), sorted(deleted)
+        # the log bounds itself too: dropping a version at every publication would cost every push a round trip
+        trim = list(state.passed) if len(state.passed) >= TRIM_BATCH or large else []
+        ok = await self.store.publish_table(state.ds_id, state.ds_name, state.table, self.epoch, seq,
+                                            added_list, deleted_list, full, publish, trim=trim, new_rows=new_rows)
+        if not ok:
+            self.stale = True
+            raise BusError(f"epoch {self.epoch} superseded; not publishing {state.ds_name}:{state.table}")
+        del state.passed[:len(trim)]
+        state.seq = seq
+        if rows is not None:
             state.rows = rows
-            if push_version is not None:
-                state.push_version = push_version
-            driver = self.drivers.get(state.ds_id)
-            if driver is not None:
-                driver.status.last_updated = time.time()
-                driver.status.number_of_updates += 1
-            if not publish:
-                log.warning("test hook: publication %s:%s:%d dropped", state.ds_name, state.table, seq)
+        else:
+            state.rows -= deleted
+            state.rows |= added
+        self._passed(state, push_version)
+        driver = self.drivers.get(state.ds_id)
+        if driver is not None:
+            driver.status.last_updated = time.time()
+            driver.status.number_of_updates += 1
+        if not publish:
+            log.warning("test hook: publication %s:%s:%d dropped", state.ds_name, state.table, seq)
+
+    @staticmethod
+    def _passed(state: TableState, push_version: int | None) -> None:
+        if push_version is None or push_version <= state.push_version:
+            return
+        state.passed.extend(range(state.push_version + 1, push_version + 1)[-PUSH_LOG_MAX:])
+        state.push_version = push_version
 
     # -- actions --------------------------------------------------------------------------------------
     def _run(self, requests: list[Request]) -> None:
@@ -449,6 +680,7 @@ class DsdNode(BusWorker):
             if not claims and not marks:
                 continue
             assert self.epoch is not None
+            started = time.perf_counter()
             try:
                 claimed = await self.store.settle_actions([r.id for r in claims], marks, self.epoch,
                                                           self.cfg.timings.executed_ttl_s)
@@ -467,9 +699,11 @@ class DsdNode(BusWorker):
                 log.error("epoch %d superseded: %d action(s) left to the newer DSD", self.epoch, len(claims))
                 self.stale = True
                 continue
+            self.metrics.claim(time.perf_counter() - started)
+            claimed_at = time.monotonic()
             for req, ok in zip(claims, claimed):
                 if ok:
-                    self.tasks.spawn(self._execute(req), f"action-{req.id[:12]}")
+                    self.tasks.spawn(self._execute(req, claimed_at), f"action-{req.id[:12]}")
                 else:
                     self.leadership.counts.ignored += 1
 
@@ -493,9 +727,25 @@ class DsdNode(BusWorker):
     def _driver_named(self, name: str) -> Driver | None:
         return next((d for d in self.drivers.values() if d.name == name), None)
 
-    async def _execute(self, req: Request) -> None:
+    async def _superseded(self) -> bool:
+        """Whether a newer DSD took an epoch (False when the bus cannot say: the claim stands)."""
+        assert self.epoch is not None
+        try:
+            current = await self.store.current_epoch()
+        except BusError:
+            return False
+        if current > self.epoch:
+            self.stale = True
+        return current > self.epoch
+
+    async def _execute(self, req: Request, claimed_at: float) -> None:
         driver = self._driver_named(req.datasource)
         async with self.exec_slots:
+            if time.monotonic() - claimed_at > CLAIM_FRESH_S and await self._superseded():
+                log.error("action %s not run: epoch %d superseded since its claim (this DSD was paused?); the "
+                          "newer DSD runs it", req.id[:12], self.epoch)
+                return
+            started = time.perf_counter()
             try:
                 if driver is None:
                     raise DatasourceConfigError(f"no running datasource named {req.datasource}")
@@ -503,6 +753,7 @@ class DsdNode(BusWorker):
             except (DatasourceConfigError, ActionDeliveryError) as exc:
                 self._failed([req], exc)
                 return
+            self.metrics.action_post(time.perf_counter() - started)
         self.to_mark.append(req.id)
         self.ledger_due.set()
         self.leadership.counts.executed += 1

@@ -20,6 +20,12 @@ Requests go out as one message per batch, {"pe", "inc", "reqs": [...]}. A PE tha
 does not name as its leader holds its requests for `hold_s` (one heartbeat interval) first: the DSD only
 keeps them for a replay should the leader fail, which it notices only after peer_timeout (> hold_s), so
 holding them loses nothing and saves the bus, the DSD and this PE a message per action.
+
+Large tables (issue 15). A large diff is read from the store in pieces (its notice names it), a large full
+publication or snapshot likewise, and rows go into the engine in pieces of APPLY_ROWS, yielding between them,
+so that heartbeats and API answers go on while a large table loads (the table's lock keeps the next change of
+the same table waiting, and the bus's silence watchdog is told the reader is busy, not stuck). The actions of
+all the pieces are sent together, under the one cause. Rows are tuples that share repeated strings (compact_rows).
 """
 
 from __future__ import annotations
@@ -30,15 +36,22 @@ import hashlib
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from congressctl.bus import Bus, dumps
 from congressctl.errors import BusError, PolicyError
+from congressctl.node.config import MetricsConfig
 from congressctl.node.drivers import table_columns
-from congressctl.node.store import Store
+from congressctl.node.metrics import ApiPeMetrics
+from congressctl.node.store import Store, compact_rows, minus
 from congressctl.payloads import DsdHeartbeat, TableView
 from congressctl.policy import Engine, Result
+from congressctl.policy.parser import parse_statement
+from congressctl.policy.simulate import check_action_rule, simulate
+from congressctl.policy.topdown import trace_query
+
+Row = tuple
 
 log = logging.getLogger("congressctl.pe")
 
@@ -48,6 +61,9 @@ MAX_PENDING_ACTIONS = 100_000
 # Redis) make the repeats harmless.
 RESEND_WINDOW_S = 30.0
 RESEND_MAX = 20_000
+# Rows given to the engine at once: a piece takes it some 25-50 ms, well under a heartbeat interval (20k took
+# 100-240 ms on a loaded 2-core box, and heartbeats came late).
+APPLY_ROWS = 10_000
 
 
 @dataclass
@@ -60,6 +76,7 @@ class TableSync:
     resyncs: int = 0
     diffs: int = 0
     rows_applied: int = 0
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)   # one change of the table at a time
 
     @property
     def key(self) -> str:
@@ -77,8 +94,10 @@ def action_id(datasource: str, action: str, args: tuple, cause: tuple) -> str:
 class PolicyNode:
     """The PE: an Engine plus a mirror of the store's definitions, kept in step by notices and full syncs."""
 
-    def __init__(self, store: Store, node_id: str, incarnation: str, peer_timeout_s: float, hold_s: float):
+    def __init__(self, store: Store, node_id: str, incarnation: str, peer_timeout_s: float, hold_s: float, *,
+                 metrics: ApiPeMetrics | None = None):
         self.store = store
+        self.metrics = metrics or ApiPeMetrics(MetricsConfig(record=False))
         self.peer_timeout_s = peer_timeout_s
         self.hold_s = hold_s
         self.node_id = node_id
@@ -87,6 +106,7 @@ class PolicyNode:
         self.policies: dict[str, dict] = {}          # id -> policy
         self.rules: dict[str, dict[str, dict]] = {}  # policy id -> rule id -> rule
         self.datasources: dict[str, dict] = {}       # id -> datasource
+        self.library: dict[str, dict] = {}           # id -> library policy (with its rules; not evaluated)
         self.tables: dict[tuple[str, str], TableSync] = {}
         self.dsd: DsdHeartbeat | None = None         # last DSD heartbeat
         self.dsd_received = 0.0                      # when it came (monotonic)
@@ -96,6 +116,7 @@ class PolicyNode:
         self.actions_dropped = 0
         self.touched: dict[str, float] = {}          # id -> when a notice or API write last changed it
         self.recent: deque[tuple[float, dict]] = deque(maxlen=RESEND_MAX)
+        self.resending: set[str] = set()    # ids put in the outbox again by resend_recent, not yet sent
         self.notice_seq = 0                          # "nseq" of the last change notice applied (or synced past)
         self.notice_seen = asyncio.Event()
         self.catch_up_lock = asyncio.Lock()         # one full sync for all the requests that waited in vain
@@ -107,6 +128,9 @@ class PolicyNode:
 
     def datasource(self, ref: str) -> dict | None:
         return self.datasources.get(ref) or next((d for d in self.datasources.values() if d["name"] == ref), None)
+
+    def library_policy(self, ref: str) -> dict | None:
+        return self.library.get(ref) or next((p for p in self.library.values() if p["name"] == ref), None)
 
     def rule_list(self, policy_id: str) -> list[dict]:
         return sorted(self.rules.get(policy_id, {}).values(), key=lambda r: r.get("n", 0))
@@ -151,7 +175,10 @@ class PolicyNode:
                 continue
             self.actions_sent += len(batch)
             now = time.monotonic()
-            self.recent.extend((now, req) for req in batch)
+            # a resent request keeps the time it was first sent: each reconnect would otherwise send the window
+            # again and again, and refresh it for ever
+            self.recent.extend((now, req) for req in batch if req["id"] not in self.resending)
+            self.resending.difference_update(req["id"] for req in batch)
             batch = []
 
     def resend_recent(self, *, direct: bool) -> None:
@@ -159,7 +186,8 @@ class PolicyNode:
         leader (a new DSD, which has heard none of them); else as they were sent, so a follower's stay buffered
         (one derived from a resync has another id than the leader's for the same row)."""
         horizon = time.monotonic() - RESEND_WINDOW_S
-        again = [req for sent, req in self.recent if sent >= horizon]
+        again = list({req["id"]: req for sent, req in self.recent if sent >= horizon}.values())
+        self.resending.update(req["id"] for req in again)
         for req in again:
             self.outbox.put_nowait({**req, "direct": True} if direct else req)
         self.resent += len(again)
@@ -213,11 +241,27 @@ class PolicyNode:
         if policy is not None and policy["name"] in self.engine.policies():
             self.engine.delete_policy(policy["name"])
 
+    def check_rule(self, policy: dict, text: str) -> None:
+        """Check a rule as Congress checks one for the policy's kind (PolicyError): an action policy's rules
+        (update heads t+/t-, action("name") facts) are checked here and never evaluated; a database policy
+        holds facts only; the other kinds are evaluated by the engine."""
+        if policy.get("kind") == "action":
+            check_action_rule(self.engine, policy["name"], text)
+            return
+        if policy.get("kind") == "database" and parse_statement(text).body:
+            raise PolicyError(f"a database policy holds facts only, not rules: {' '.join(text.split())}",
+                              kind="invalid", rule=text, position=0)
+        self.engine.check_rule(policy["name"], text)
+
     def apply_rule(self, policy_id: str, rule: dict) -> None:
         policy = self.policies.get(policy_id)
         if policy is None or rule["id"] in self.rules.get(policy_id, {}):
             return
-        _, result = self.engine.add_rule(policy["name"], rule["rule"], rule_id=rule["id"])
+        if policy.get("kind") == "action":
+            check_action_rule(self.engine, policy["name"], rule["rule"])
+            result = Result()
+        else:
+            _, result = self.engine.add_rule(policy["name"], rule["rule"], rule_id=rule["id"])
         self._touch(rule["id"])
         self.rules[policy_id][rule["id"]] = rule
         self.emit(result, ("rule", rule["id"]))
@@ -227,7 +271,35 @@ class PolicyNode:
         if policy is None or self.rules.get(policy_id, {}).pop(rule_id, None) is None:
             return
         self._touch(rule_id)
-        self.engine.delete_rule(policy["name"], rule_id)
+        if policy.get("kind") != "action":
+            self.engine.delete_rule(policy["name"], rule_id)
+
+    def apply_library_policy(self, policy: dict) -> None:
+        self._touch(policy["id"])
+        self.library[policy["id"]] = policy
+
+    def drop_library_policy(self, policy_id: str) -> None:
+        self._touch(policy_id)
+        self.library.pop(policy_id, None)
+
+    # -- trace and simulate ---------------------------------------------------------------------------
+    def abbreviations(self) -> dict[str, str]:
+        return {p["name"]: p.get("abbreviation") or p["name"][:5] for p in self.policies.values()}
+
+    def trace_rows(self, policy: dict, table: str) -> tuple[list[tuple], str]:
+        """The rows of a policy table and the trace of their derivation (topdown.py)."""
+        found = self.engine.table(f"{policy['name']}:{table}")
+        arity = found.arity if found is not None else 0
+        pattern = f"{table}({', '.join(f'x{i}' for i in range(arity))})" if arity else table
+        return trace_query(self.engine, pattern, policy["name"], self.abbreviations())
+
+    def simulate(self, policy: dict, *, query: str, sequence: str, action_policy: dict | None, delta: bool,
+                 trace: bool) -> tuple[list[str], str | None]:
+        """Congress's simulate on the engine's current state; changes nothing (simulate.py)."""
+        rules = [r["rule"] for r in self.rule_list(action_policy["id"])] if action_policy else []
+        return simulate(self.engine, policy=policy["name"], query=query, sequence=sequence,
+                        action_policy=action_policy["name"] if action_policy else None, action_rules=rules,
+                        delta=delta, trace=trace, abbreviations=self.abbreviations())
 
     def on_notice(self, data: dict) -> None:
         """Apply another node's change (this node's API handlers apply their own writes themselves)."""
@@ -248,6 +320,10 @@ class PolicyNode:
                 self.apply_rule(data["policy_id"], data["rule"])
             elif kind == "rule" and op == "delete":
                 self.drop_rule(data["policy_id"], data["rule_id"])
+            elif kind == "library" and op == "create":
+                self.apply_library_policy(data["policy"])
+            elif kind == "library" and op == "delete":
+                self.drop_library_policy(data["policy"]["id"])
         except (PolicyError, KeyError, TypeError) as exc:
             log.error("notice %s %s not applied: %s (the full sync will retry)", kind, op, exc)
 
@@ -276,7 +352,8 @@ class PolicyNode:
                         await self.full_sync()
                 return
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.notice_seen.wait(), remaining)
+                async with asyncio.timeout(remaining):   # not wait_for: on 3.11 it can drop a cancellation
+                    await self.notice_seen.wait()
 
     async def full_sync(self) -> None:
         """Make the mirror equal the store (safety net after reconnects and missed notices).
@@ -285,10 +362,12 @@ class PolicyNode:
         read began is newer than what was read and is left alone.
         """
         started = time.monotonic()
+        self.metrics.full_syncs.inc()
         nseq = await self.store.notice_seq()   # read first: every later change comes as a notice
         datasources = {d["id"]: d for d in await self.store.datasources()}
         policies = {p["id"]: p for p in await self.store.policies()}
         rules = {pid: await self.store.rules(pid) for pid in policies}
+        library = {p["id"]: p for p in await self.store.library_policies()}
         self.touched = {k: t for k, t in self.touched.items() if t >= started}
         # frozen before applying: what this sync applies touches objects too, and must not hide their rules
         stale = set(self.touched).__contains__
@@ -298,6 +377,11 @@ class PolicyNode:
             wanted = {r["id"] for r in policy_rules}
             for rid in [r for r in self.rules.get(pid, {}) if r not in wanted and not stale(r)]:
                 self.drop_rule(pid, rid)
+        for lib_id in [p for p in self.library if p not in library and not stale(p)]:
+            self.drop_library_policy(lib_id)
+        for lib in library.values():
+            if not stale(lib["id"]):
+                self.apply_library_policy(lib)
         for ds_id in [d for d in self.datasources if d not in datasources and not stale(d)]:
             self.drop_datasource(ds_id)
         for ds in datasources.values():
@@ -324,6 +408,10 @@ class PolicyNode:
 
     # -- tables ---------------------------------------------------------------------------------------
     async def resync(self, state: TableSync) -> None:
+        async with state.lock:
+            await self._resync(state)
+
+    async def _resync(self, state: TableSync) -> None:
         """Replace the table from the stored snapshot when that is newer than what we hold. Its (epoch, seq)
         is read first, so the periodic full sync reads no rows of a table already in step (reading and
         parsing 100k rows takes the loop away for about half a second)."""
@@ -334,7 +422,7 @@ class PolicyNode:
             return
         if (snap.epoch, snap.seq) <= (state.epoch, state.seq):
             return
-        result = self.engine.replace_table(state.engine_table, snap.rows)
+        result = await self._replace(state, snap.rows)
         state.epoch, state.seq = snap.epoch, snap.seq
         state.resyncs += 1
         state.rows_applied += len(snap.rows)
@@ -346,25 +434,73 @@ class PolicyNode:
         state = self.tables.get((msg.get("ds_id", ""), msg.get("table", "")))
         if state is None:
             return
+        async with state.lock:
+            await self._on_diff(state, msg)
+
+    async def _on_diff(self, state: TableSync, msg: dict) -> None:
         epoch, seq = int(msg["epoch"]), int(msg["seq"])
         if epoch < state.epoch or (epoch == state.epoch and seq <= state.seq):
             return
         cause = ("table", state.key, epoch, seq)
+        if msg.get("staged"):
+            # a large full publication: its rows are the snapshot, read in pieces
+            await self._resync(state)
+            return
+        started = time.perf_counter()
         if msg.get("full"):
-            result = self.engine.replace_table(state.engine_table, (tuple(r) for r in msg["rows"]))
-            state.rows_applied += len(msg["rows"])
+            rows = compact_rows(msg["rows"])
+            result = await self._replace(state, rows)
+            state.rows_applied += len(rows)
         elif epoch == state.epoch and seq == state.seq + 1:
-            result = self.engine.update({state.engine_table: ([tuple(r) for r in msg["add"]],
-                                                              [tuple(r) for r in msg["del"]])})
-            state.rows_applied += len(msg["add"]) + len(msg["del"])
+            if "chunk" in msg:
+                read = await self.store.chunk_rows(str(msg["chunk"]), int(msg["n_add"]), int(msg["n_del"]))
+                if read is None or self.tables.get((state.ds_id, state.table)) is not state:
+                    log.info("table %s: diff (%d, %d) gone from the store: resync", state.engine_table, epoch, seq)
+                    await self._resync(state)
+                    return
+                added, deleted = read
+            else:
+                added, deleted = compact_rows(msg["add"]), compact_rows(msg["del"])
+            result = await self._update(state, added, deleted)
+            state.rows_applied += len(added) + len(deleted)
         else:
             log.info("table %s: have (%d, %d), got (%d, %d): resync", state.engine_table, state.epoch,
                      state.seq, epoch, seq)
-            await self.resync(state)
+            await self._resync(state)
             return
+        self.metrics.diff_eval(time.perf_counter() - started)
         state.epoch, state.seq = epoch, seq
         state.diffs += 1
         self.emit(result, cause)
+
+    async def _replace(self, state: TableSync, rows: Any) -> Result:
+        """The engine's table becomes `rows`: at once when small, else as a diff applied in pieces."""
+        table = state.engine_table
+        if len(rows) <= APPLY_ROWS:
+            return self.engine.replace_table(table, rows)
+        try:
+            current = self.engine.rows(table)
+        except PolicyError:
+            current = set()
+        new = rows if isinstance(rows, set) else set(rows)
+        added = await minus(new, current) if current else new
+        return await self._update(state, list(added), list(await minus(current, new)))
+
+    async def _update(self, state: TableSync, added: list[Row], deleted: list[Row]) -> Result:
+        """Apply a diff to the engine: at once when small, else in pieces (deletions first, as the engine
+        does), yielding between them; the pieces' actions in one Result."""
+        table = state.engine_table
+        if len(added) + len(deleted) <= APPLY_ROWS:
+            return self.engine.update({table: (added, deleted)})
+        result = Result()
+        pieces: list[tuple[list[Row], list[Row]]] = [([], deleted[i:i + APPLY_ROWS])
+                                                     for i in range(0, len(deleted), APPLY_ROWS)]
+        pieces += [(added[i:i + APPLY_ROWS], []) for i in range(0, len(added), APPLY_ROWS)]
+        for piece in pieces:
+            result.actions.extend(self.engine.update({table: piece}).actions)
+            self.store.busy()
+            await asyncio.sleep(0)
+        return result
 
     async def on_dsd_heartbeat(self, beat: DsdHeartbeat) -> None:
         epoch = beat.epoch or 0

@@ -32,6 +32,10 @@ from congressctl.node.config import NodeConfig
 log = logging.getLogger("congressctl.node")
 
 GRACE_S = 0.8
+# A bus failover (promote a replica, move the bus address) takes a few seconds (4-5 s in the lab). A node whose
+# bus stays away longer is cut off from it, not waiting out a failover: the api-pe leaves HAProxy's pool, the
+# DSD reports it in its liveness file so that Pacemaker moves it. Any shorter, every bus failover would move them.
+BUS_OUTAGE_GRACE_S = 10.0
 FULL_GC_INTERVAL_S = 600.0
 NO_AUTOMATIC_FULL_GC = 1 << 30
 
@@ -166,7 +170,8 @@ class Worker:
         await self.tasks.wait(GRACE_S)
         await self.tasks.cancel_all()
         try:
-            await asyncio.wait_for(self.shutdown(), 0.5)
+            async with asyncio.timeout(0.5):   # not wait_for: on 3.11 it can drop a cancellation (bus.py)
+                await self.shutdown()
         except (TimeoutError, Exception) as exc:  # noqa: BLE001 - shutdown must not hang or raise
             log.warning("shutdown incomplete: %s", exc)
         log.info("stopped, exit code %d (pid %d)", code, os.getpid())

@@ -28,6 +28,8 @@ Choices worth knowing:
 - Deleting a policy drops its rules; rules of other policies that read its tables keep reading them (empty)
   until the policy is created again.
 - In `update`, deletions count before additions: a row both deleted and added ends up present.
+- Trace and simulate (topdown.py, simulate.py) answer one query top-down over the engine's rules and rows,
+  the latter through an overlay of updates: neither changes the engine.
 - `builtin:now` is the engine clock as of creation or the last `Engine.tick()`, which re-derives the rules
   that use it; between ticks derived state never depends on when it was computed.
 """

@@ -297,3 +297,12 @@ def resolve_pattern(text: str, atom: Atom, policy: str | None, names: Names) -> 
     if atom.prefix == "builtin":
         raise checker.fail("invalid", atom.pos, f"cannot query a builtin: {checker.quote(atom)}")
     return checker.literal(atom)
+
+
+def resolve_body(stmt: Statement, policy: str, names: Names) -> tuple[Literal, ...]:
+    """The body literals of a statement resolved as in a rule of `policy` (names, columns, builtins), without
+    the checks on its head; for the rules of an action policy, whose heads are updates (t+, t-)."""
+    checker = _RuleChecker(stmt, policy, names)
+    body = tuple(checker.literal(atom) for atom in stmt.body)
+    checker.safety(stmt.head, tuple(p.term for p in stmt.head.params), body)
+    return body

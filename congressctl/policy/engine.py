@@ -13,7 +13,7 @@ from typing import Any
 
 from congressctl.errors import PolicyError
 from congressctl.policy.builtins import format_datetime
-from congressctl.policy.checks import EXECUTE, Rule, check_statement, resolve_pattern
+from congressctl.policy.checks import EXECUTE, Literal, Rule, check_statement, resolve_pattern
 from congressctl.policy.compiler import CompiledRule, compile_rule
 from congressctl.policy.parser import parse_literal, parse_statement
 from congressctl.policy.store import Cols, Delta, Row, Table
@@ -294,6 +294,44 @@ class Engine:
             self._queries[(pattern, policy)] = query
         return query.run()
 
+    # -- for top-down evaluation (trace and simulate, topdown.py) --------------------------------------
+
+    def rules_for(self, key: str) -> list[Rule]:
+        """The checked rules whose head is the policy table `key` ("policy:table"), in the order added."""
+        rules = self._policies.get(key.split(":", 1)[0], {})
+        return [c.rule for c in rules.values() if c.rule.head == key]
+
+    def table(self, key: str) -> Table | None:
+        return self._tables.get(key)
+
+    def readers(self, key: str) -> Iterable[str]:
+        """Heads of the rules that read table `key`."""
+        return self._consumers.get(key, ())
+
+    def now(self) -> str:
+        return self._now
+
+    def actions_of(self, datasource: str) -> list[tuple[str, int]]:
+        """(action, arity) of every execute[datasource:action] table the rules define."""
+        start = f"{EXECUTE}[{datasource}:"
+        return sorted((key[len(start):-1], t.arity) for key, t in self._tables.items() if key.startswith(start))
+
+    def resolve_query(self, pattern: str, policy: str | None) -> Literal:
+        """A query pattern as a positive literal against its table key (PolicyError when malformed)."""
+        if not isinstance(pattern, str):
+            raise PolicyError(f"a query is text, not {pattern!r}", kind="invalid")
+        atom = parse_literal(pattern)
+        if atom.prefix is None:
+            if policy is None:
+                raise PolicyError(f"query {pattern!r} names no policy: pass policy= or write policy:table",
+                                  rule=pattern, position=atom.pos, kind="invalid")
+            self._policy(policy)
+        return resolve_pattern(pattern, atom, policy, self._names)
+
+    @property
+    def names(self) -> _Names:
+        return self._names
+
     # -- internals --------------------------------------------------------------------------------------
 
     def _current_time(self) -> str:
@@ -440,15 +478,7 @@ class Engine:
         table.cur = None
 
     def _compile_query(self, pattern: str, policy: str | None) -> _Query:
-        if not isinstance(pattern, str):
-            raise PolicyError(f"a query is text, not {pattern!r}", kind="invalid")
-        atom = parse_literal(pattern)
-        if atom.prefix is None:
-            if policy is None:
-                raise PolicyError(f"query {pattern!r} names no policy: pass policy= or write policy:table",
-                                  rule=pattern, position=atom.pos, kind="invalid")
-            self._policy(policy)
-        lit = resolve_pattern(pattern, atom, policy, self._names)
+        lit = self.resolve_query(pattern, policy)
         table = self._tables.get(lit.table)
         cols = tuple(p for p, a in enumerate(lit.args) if isinstance(a, Const))
         values = [a.value for a in lit.args if isinstance(a, Const)]

@@ -2,12 +2,14 @@
 
     statement := literal [":-" literal ("," literal)*] [";" | "."]
     literal   := ["not" | "NOT" | "!"] (ID "[" atom "]" | atom)
-    atom      := ID [":" ID] ["(" [param ("," param)*] ")"]
+    atom      := ID [":" ID] ["+" | "-"] ["(" [param ("," param)*] ")"]     +/-: updates only
     param     := term | (ID | INT) "=" term           positional params come first
     term      := INT | FLOAT | STRING | ID             a bare ID is a variable
 
 Identifiers may contain dots (`nova:servers.pause`); a dot that is not followed by an identifier character
 ends the statement instead. Comments: `//`, `#` (to end of line) and `/* ... */`.
+Update literals `t+(...)` (insert) and `t-(...)` (delete) are read only where `updates` is allowed: in the
+rules of an action policy and in a simulate sequence; elsewhere they are a syntax error.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ _TOKEN = re.compile(r"""
   | (?P<float>-?(?:\d+\.\d+(?:[eE][+-]?\d+)?|\d+[eE][+-]?\d+))
   | (?P<int>-?\d+)
   | (?P<id>[A-Za-z_](?:[A-Za-z0-9_]|\.(?=[A-Za-z0-9_]))*)
-  | (?P<punct>[()\[\],=:;.!])
+  | (?P<punct>[()\[\],=:;.!+-])
 """, re.VERBOSE | re.DOTALL)
 
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "0": "\0", "\\": "\\", '"': '"', "'": "'"}
@@ -71,10 +73,11 @@ def _unquote(token: str) -> str:
 
 
 class _Parser:
-    def __init__(self, text: str):
+    def __init__(self, text: str, updates: bool = False):
         self.text = text
         self.tokens = tokenize(text)
         self.i = 0
+        self.updates = updates
 
     @property
     def tok(self) -> Token:
@@ -129,9 +132,10 @@ class _Parser:
             self.i += 1
             atom = self.atom()
             self.take("]", "']'")
-            return Atom(atom.prefix, atom.name, atom.params, negated, modal, start, self.tokens[self.i - 1].pos + 1)
+            return Atom(atom.prefix, atom.name, atom.params, negated, modal, start, self.tokens[self.i - 1].pos + 1,
+                        atom.update)
         atom = self.atom()
-        return Atom(atom.prefix, atom.name, atom.params, negated, None, start, atom.end)
+        return Atom(atom.prefix, atom.name, atom.params, negated, None, start, atom.end, atom.update)
 
     def atom(self) -> Atom:
         first = self.take("id", "a table name")
@@ -141,6 +145,13 @@ class _Parser:
             prefix, name = name, self.take("id", "a table name after ':'").text
             if self.tok.kind == ":":
                 raise self.error("a table name has at most one ':'")
+        update = None
+        if self.tok.kind in ("+", "-"):
+            if not self.updates:
+                raise self.error("an update literal (t+ or t-) belongs in an action policy or a simulate "
+                                 "sequence; expected '(' or the end of the literal")
+            update = self.tok.kind
+            self.i += 1
         params: list[Param] = []
         end = self.tokens[self.i - 1].pos + len(self.tokens[self.i - 1].text)
         if self.tok.kind == "(":
@@ -151,7 +162,7 @@ class _Parser:
                     self.i += 1
                     params.append(self.param(params))
             end = self.take(")", "',' or ')'").pos + 1
-        return Atom(prefix, name, tuple(params), pos=first.pos, end=end)
+        return Atom(prefix, name, tuple(params), pos=first.pos, end=end, update=update)
 
     def param(self, before: list[Param]) -> Param:
         token = self.tok
@@ -178,18 +189,18 @@ class _Parser:
         raise self.error("expected a variable or a constant")
 
 
-def parse_program(text: str) -> list[Statement]:
+def parse_program(text: str, updates: bool = False) -> list[Statement]:
     """Every statement of `text`, in order; each keeps offsets into the whole text."""
-    parser = _Parser(text)
+    parser = _Parser(text, updates)
     statements = []
     while not parser.at_end():
         statements.append(parser.statement())
     return statements
 
 
-def parse_statement(text: str) -> Statement:
+def parse_statement(text: str, updates: bool = False) -> Statement:
     """Exactly one statement (rule or fact)."""
-    parser = _Parser(text)
+    parser = _Parser(text, updates)
     if parser.at_end():
         raise parser.error("expected a rule")
     statement = parser.statement()

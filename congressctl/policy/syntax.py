@@ -48,7 +48,8 @@ class Param:
 
 @dataclass(frozen=True)
 class Atom:
-    """A literal: `[not] [modal[]prefix:name(params)[]]`; `end` is the offset just past it."""
+    """A literal: `[not] [modal[]prefix:name[+|-](params)[]]`; `end` is the offset just past it; `update` is
+    "+" or "-" for an update literal (action policies and simulate sequences only)."""
 
     prefix: str | None
     name: str
@@ -57,13 +58,14 @@ class Atom:
     modal: str | None = None
     pos: int = field(default=0, compare=False)
     end: int = field(default=0, compare=False)
+    update: str | None = None
 
     @property
     def table(self) -> str:
         return f"{self.prefix}:{self.name}" if self.prefix else self.name
 
     def __str__(self) -> str:
-        inner = self.table
+        inner = self.table + (self.update or "")
         if self.params:
             inner += "(" + ", ".join(str(p) for p in self.params) + ")"
         if self.modal:
