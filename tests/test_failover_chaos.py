@@ -151,6 +151,19 @@ def test_rows_that_lived_only_while_no_api_pe_heard_the_dsd_are_not_expected():
     assert result.lost == 1     # heard all along: owed
 
 
+def test_a_row_whose_push_was_answered_only_once_no_api_pe_heard_the_dsd_is_not_expected():
+    """Row 69's push began at 6.9 s, just before the DSD went unheard (7.0 s, a second before the first "does not
+    hear" answer), and was answered (unknown) at 8.9 s: the bus it waited on was going away, so the row came,
+    if at all, when no DSD heard. Row 68, answered at 6.81 s, was owed."""
+    def run(missing: int) -> ScenarioResult:
+        h = History().samples("request").samples("write", step=0.2).samples("status", failing=(8.0, 12.0))
+        h.events = [e if e.k != 69 or e.kind != "push" else Event(6.9, "push", k=69, outcome="unknown", duration=2.0)
+                    for e in h.events]
+        return h.actions([k for k in range(200) if not 75 <= k < 115 and k != missing]).check()
+    assert run(69).lost == 0
+    assert run(68).lost == 1
+
+
 def test_a_duplicate_is_excused_only_just_after_a_dsd_replacement():
     takeover = clean().actions(range(100)).actions(range(98, 200), executor=NEW, delay=0.3)   # 98, 99 again
     result = takeover.check()

@@ -124,6 +124,17 @@ def test_an_overlap_counts_each_time_an_older_executor_resumes():
     assert executor_overlaps([*acts("a", "b"), Event(5, "action", k=5)]) == 0   # no executor known
 
 
+def test_an_old_dsds_action_delivered_late_is_ordered_by_when_it_was_sent():
+    """The old DSD sent row 2 before its host was cut; the network delivered it after the new DSD's first
+    action (the lab's kernel retransmitting once the link is back): not two DSDs executing at once. The same
+    arrival sent after the new DSD began is an overlap."""
+    early = [Event(0, "action", k=0, executor="old", stamped=0.0), Event(7, "action", k=1, executor="new", stamped=7.0),
+             Event(9, "action", k=2, executor="old", stamped=2.5), Event(10, "action", k=3, executor="new", stamped=10)]
+    assert executor_overlaps(early) == 0
+    late = [e if e.k != 2 else Event(9, "action", k=2, executor="old", stamped=8.5) for e in early]
+    assert executor_overlaps(late) == 1
+
+
 def test_a_lost_acknowledged_write_fails():
     h = History().pushes(range(60)).course(recovered=2.6).add(2.4, "leader", host="n2").actions(list(range(60)))
     h.writes(0.0, 6.0, missing=("w7",))

@@ -146,7 +146,7 @@ def _count_actions(result: ScenarioResult, events: Sequence[Event], *, fault: Fa
     duplicated ones, and whether another DSD took over."""
     pushes = _of(events, "push")
     arrivals = [e for e in events if e.kind in ("action", "stray")]
-    first_push, expected = _expected_rows(pushes)
+    first_push, answered, expected = _expected_rows(pushes)
     ks = [e.k for e in _of(events, "action") if e.k is not None]
     dsd_back = None if fault.rolling else new_dsd_at(arrivals, t_fault=t_fault)
     result.dsd_replaced = dsd_back is not None
@@ -162,7 +162,7 @@ def _count_actions(result: ScenarioResult, events: Sequence[Event], *, fault: Fa
     if fault.rolling:
         # a planned DSD restart: only the rows pushed and replaced within its gap never reached a DSD
         gaps = dsd_gaps(arrivals)
-        expected = {k for k in expected if not any(_lived_within(first_push, k, gap) for gap in gaps)}
+        expected = {k for k in expected if not any(_lived_within(first_push, answered, k, gap) for gap in gaps)}
     result.pushed = len(pushes)
     result.expected_actions = len(expected)
     result.executed = len(set(ks) & expected)
@@ -170,16 +170,18 @@ def _count_actions(result: ScenarioResult, events: Sequence[Event], *, fault: Fa
     result.duplicated = len(ks) - len(set(ks))
 
 
-def _expected_rows(pushes: Sequence[Event]) -> tuple[dict[int, float], set[int]]:
-    """When each row was first pushed, and every row an applied push brought."""
+def _expected_rows(pushes: Sequence[Event]) -> tuple[dict[int, float], dict[int, float], set[int]]:
+    """When each row's first push began and when it was answered, and every row an applied push brought."""
     first_push: dict[int, float] = {}
+    answered: dict[int, float] = {}
     expected: set[int] = set()
     for p in pushes:
         assert p.k is not None
         first_push.setdefault(p.k, p.t)
+        answered.setdefault(p.k, p.t + (p.duration or 0.0))
         if p.outcome == "ok":
             expected.update(range(max(0, p.k - WINDOW + 1), p.k + 1))
-    return first_push, expected
+    return first_push, answered, expected
 
 
 def _count_requests(result: ScenarioResult, events: Sequence[Event], *, rolling: bool) -> None:
@@ -351,18 +353,22 @@ def dsd_gaps(arrivals: Sequence[Event]) -> list[tuple[float, float]]:
     return [(a.t, b.t) for a, b in itertools.pairwise(arrivals) if a.executor != b.executor]
 
 
-def _lived_within(first_push: dict[int, float], k: int, gap: tuple[float, float]) -> bool:
-    """Row k was pushed after `gap` began and replaced (WINDOW pushes later) before it ended."""
+def _lived_within(first_push: dict[int, float], answered: dict[int, float], k: int, gap: tuple[float, float]) -> bool:
+    """Row k may have come after `gap` began (its push was answered after that: a push in flight when the bus
+    went away is applied, if at all, by the next master) and was replaced (WINDOW pushes later) before it
+    ended."""
     gone = first_push.get(k + WINDOW)
-    return gap[0] <= first_push.get(k, -1.0) and gone is not None and gone <= gap[1]
+    return gap[0] <= answered.get(k, -1.0) and gone is not None and gone <= gap[1]
 
 
 def executor_overlaps(actions: Sequence[Event]) -> int:
     """How many times an older DSD instance's actions resumed after a newer one's had begun (two DSDs executing
-    at once): instances are ordered by their first action; a run of actions counts once."""
+    at once): instances are ordered by their first action; a run of actions counts once. Actions are taken in the
+    order the DSDs sent them (`stamped`), arrival where unknown: an old DSD's last POST that the network delivers
+    late (a segment retransmitted once a cut host's link is back) was sent before the new DSD began."""
     order: dict[str, int] = {}
     overlaps, previous = 0, None
-    for e in sorted(actions, key=lambda e: e.t):
+    for e in sorted(actions, key=lambda e: e.t if e.stamped is None else e.stamped):
         if e.executor is None:
             continue
         rank = order.setdefault(e.executor, len(order))
@@ -440,10 +446,10 @@ def _count_chaos_actions(result: ScenarioResult, events: Sequence[Event]) -> Non
     pushes = _of(events, "push")
     actions = _of(events, "action")
     arrivals = [e for e in events if e.kind in ("action", "stray")]
-    first_push, expected = _expected_rows(pushes)
+    first_push, answered, expected = _expected_rows(pushes)
     gaps = dsd_gaps(arrivals)
     blind = gaps + blind_windows(_of(events, "status"))
-    expected = {k for k in expected if not any(_lived_within(first_push, k, w) for w in blind)}
+    expected = {k for k in expected if not any(_lived_within(first_push, answered, k, w) for w in blind)}
     ks = [e.k for e in actions if e.k is not None]
     result.dsd_replaced = bool(gaps)
     result.pushed = len(pushes)

@@ -9,7 +9,8 @@ The text `detail` is for people (the timeline); every figure comes from the type
   write                                 an acknowledged-write attempt: name, ok (acknowledged), duration, status
                                         (the HTTP answer's; none: no answer), message (a refusal's error message)
   read-back                             after the run, one per acknowledged write: name, ok (found)
-  action                                an action of this scenario's rows at the sink: k, action_id, executor
+  action                                an action of this scenario's rows at the sink: k, action_id, executor,
+                                        stamped (when the DSD sent it: its X-Congress-Sent, on the scenario clock)
   stray                                 an action at the sink of no row of this scenario (executor only counts)
   leader, dsd                           the DSD's leader / instance changed (host; stamped: the DSD's own clock)
   status                                an api-pe's status answer: ok when it heard the DSD within 1 s (host)
@@ -43,7 +44,7 @@ class Event:
     name: str | None = None
     outcome: str | None = None    # push: ok, failed (refused before it was applied) or unknown (may have been)
     duration: float | None = None
-    stamped: float | None = None  # leader: when the DSD says the change happened, on the scenario clock
+    stamped: float | None = None  # leader, action: when the DSD says it changed / sent it, on the scenario clock
     status: int | None = None     # write: the HTTP status it was answered with
     message: str | None = None    # write: the error message of an answer that refused it
     attempt: int | None = None    # attempt: its number (1 first); request: its last attempt's, when retried

@@ -49,6 +49,7 @@ class Sink:
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
                 body["executor"] = self.headers.get("X-Congress-Executor")
+                body["sent"] = _sent_at(self.headers.get("X-Congress-Sent"))
                 with sink.lock:
                     sink.arrivals.append((time.monotonic(), body))
                 self.send_response(200)
@@ -84,6 +85,14 @@ class Sink:
         self.server.server_close()
 
 
+def _sent_at(header: str | None) -> float | None:
+    """The DSD's X-Congress-Sent (wall clock) as a number; None when missing or not one."""
+    try:
+        return float(header) if header else None
+    except ValueError:
+        return None
+
+
 def local_address_towards(address: str) -> str:
     """The address of this machine that the cluster's hosts reach it by (the route towards a node)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -98,12 +107,14 @@ def record_actions(history: History, arrivals: list[tuple[float, dict]], base: i
     for t, body in arrivals:
         k = body["args"][0] if body["args"] else None
         action_id, executor = body.get("action_id"), body.get("executor")
+        sent = body.get("sent")
+        stamped = None if sent is None else sent - history.wall0
         if k is None or not base <= k < base + SCENARIO_SPAN:
             history.add("stray", f"id={str(action_id)[:12]}", t=t - history.t0, action_id=action_id,
                         executor=executor)
             continue
         history.add("action", f"k={k - base} id={body['action_id'][:12]}", ok=k not in seen, t=t - history.t0,
-                    k=k - base, action_id=action_id, executor=executor)
+                    k=k - base, action_id=action_id, executor=executor, stamped=stamped)
         seen.add(k)
 
 

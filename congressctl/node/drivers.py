@@ -358,8 +358,10 @@ class HttpPoster:
         port = u.port or (443 if u.scheme == "https" else 80)
         key = (u.scheme, u.hostname, port)
         path = (u.path or "/") + (f"?{u.query}" if u.query else "")
+        # X-Congress-Sent: when this DSD sent it (wall clock), so that a receiver can tell a late delivery of an
+        # old DSD's action (a segment retransmitted after a partition) from an old DSD executing again
         head = (f"POST {path} HTTP/1.1\r\nHost: {u.netloc}\r\nContent-Type: application/json\r\n{self.executor}"
-                f"Content-Length: {len(body)}\r\n\r\n").encode()
+                f"X-Congress-Sent: {time.time():.6f}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
         for attempt in range(2):
             conn = self._take(key) if attempt == 0 else None
             reused = conn is not None
