@@ -143,6 +143,19 @@ def test_rows_that_lived_only_between_two_dsds_are_not_expected_but_others_are()
     assert result.lost == 0 and result.passed, result.failures
 
 
+def test_rows_pushed_after_the_last_one_the_old_dsd_ran_may_have_gone_unheard():
+    """The old DSD's last action (row 59, pushed at 5.9 s) reached the sink only at 6.25 s: rows 60..62, pushed
+    before that arrival, came after the last push it is known to have heard, and were replaced before the new DSD
+    began: not owed. Row 57, pushed before 59, was."""
+    def run(missing: int | None = None) -> ScenarioResult:
+        h = clean().actions([k for k in range(59) if k != missing]).actions(range(81, 200), executor=NEW)
+        for k in range(76, 81):     # the table the new DSD found when it took over, at 8.05 s
+            h.add(8.05, "action", k=k, action_id=f"a{k}", executor=NEW)
+        return h.add(6.25, "action", k=59, action_id="a59", executor=OLD).check()
+    assert run().lost == 0, run().failures
+    assert run(57).lost == 1
+
+
 def test_rows_that_lived_only_while_no_api_pe_heard_the_dsd_are_not_expected():
     h = History().samples("request").samples("write", step=0.2).samples("status", failing=(8.0, 12.0))
     result = h.actions([k for k in range(200) if not 75 <= k < 115]).check()

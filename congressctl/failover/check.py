@@ -161,7 +161,7 @@ def _count_actions(result: ScenarioResult, events: Sequence[Event], *, fault: Fa
         expected = {k for k in expected if first_push.get(k, 0.0) >= dsd_back}
     if fault.rolling:
         # a planned DSD restart: only the rows pushed and replaced within its gap never reached a DSD
-        gaps = dsd_gaps(arrivals)
+        gaps = dsd_gaps(arrivals, first_push)
         expected = {k for k in expected if not any(_lived_within(first_push, answered, k, gap) for gap in gaps)}
     result.pushed = len(pushes)
     result.expected_actions = len(expected)
@@ -348,9 +348,12 @@ def new_dsd_at(arrivals: Sequence[Event], *, t_fault: float) -> float | None:
     return next((e.t for e in arrivals if e.t >= t_fault and e.executor != before[-1]), None)
 
 
-def dsd_gaps(arrivals: Sequence[Event]) -> list[tuple[float, float]]:
-    """(last action of a DSD instance, first of the next one), for each change of executor at the sink."""
-    return [(a.t, b.t) for a, b in itertools.pairwise(arrivals) if a.executor != b.executor]
+def dsd_gaps(arrivals: Sequence[Event], first_push: dict[int, float]) -> list[tuple[float, float]]:
+    """For each change of executor at the sink: from when the row of the last action of a DSD instance was
+    pushed (the last push it is known to have heard: a stopping or cut DSD runs its last actions after it stopped
+    hearing) to the first action of the next one."""
+    return [(first_push.get(a.k, a.t) if a.k is not None else a.t, b.t)
+            for a, b in itertools.pairwise(arrivals) if a.executor != b.executor]
 
 
 def _lived_within(first_push: dict[int, float], answered: dict[int, float], k: int, gap: tuple[float, float]) -> bool:
@@ -447,7 +450,7 @@ def _count_chaos_actions(result: ScenarioResult, events: Sequence[Event]) -> Non
     actions = _of(events, "action")
     arrivals = [e for e in events if e.kind in ("action", "stray")]
     first_push, answered, expected = _expected_rows(pushes)
-    gaps = dsd_gaps(arrivals)
+    gaps = dsd_gaps(arrivals, first_push)
     blind = gaps + blind_windows(_of(events, "status"))
     expected = {k for k in expected if not any(_lived_within(first_push, answered, k, w) for w in blind)}
     ks = [e.k for e in actions if e.k is not None]
