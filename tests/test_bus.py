@@ -11,7 +11,7 @@ import pytest
 
 from congressctl.bus import COMMAND_TIMEOUT_S, Bus, Channels, make_redis
 from congressctl.errors import BusError
-from congressctl.node.dsd import Leadership, Request, requests_of
+from congressctl.node.dsd import SAME_ACTION_WINDOW_S, Leadership, PeerKey, Request, requests_of
 from congressctl.node.store import Store, row_key
 from congressctl.payloads import PeHeartbeat
 
@@ -444,6 +444,27 @@ def test_paused_old_leader_coming_back_causes_no_duplicates():
     ran += lead.tick(4.5)                       # now B dies: A takes over, its a1/a2 already ran
     assert lead.leader == A
     assert sorted(r.id for r in ran) == ["a0", "a1", "a2"]
+
+
+def test_another_pes_name_for_an_action_that_ran_runs_nothing_but_the_same_pes_does():
+    """A's request ran row 1 as a1; B saw the row appear through another change and names it b1: B's resend
+    (direct) and B's replay as the new leader run nothing. A row that appears again (A names it anew) runs again,
+    and so does B's copy once SAME_ACTION_WINDOW_S has passed."""
+    def named(name: str, i: int, pe: PeerKey, t: float, *, direct: bool = False) -> Request:
+        return Request(id=name, datasource="ds", action="act", args=[i], pe=pe, direct=direct, received=t)
+    lead = Leadership(peer_timeout_s=1.0, buffer_s=3.0)
+    lead.heard(A, 0.0), lead.heard(B, 0.0)
+    assert [r.id for r in lead.request(named("a1", 1, A, 0.1), 0.1)] == ["a1"]
+    assert lead.request(named("b1", 1, B, 0.2, direct=True), 0.2) == []
+    lead.request(named("b2", 2, B, 0.3), 0.3)                       # buffered: A leads
+    lead.request(named("a2", 2, A, 0.3), 0.3)
+    lead.request(named("b3", 3, B, 0.4), 0.4)                       # A died before it sent its a3
+    lead.heard(B, 1.5)
+    assert [r.id for r in lead.tick(1.5)] == ["b3"]                 # b2 is a2, which ran
+    assert [r.id for r in lead.request(named("b1-again", 1, B, 2.0), 2.0)] == []
+    assert [r.id for r in lead.request(named("a1-again", 1, A, 2.1, direct=True), 2.1)] == ["a1-again"]
+    late = 2.1 + SAME_ACTION_WINDOW_S + 0.1
+    assert [r.id for r in lead.request(named("b1-late", 1, B, late), late)] == ["b1-late"]
 
 
 def test_buffers_expire_and_executed_ids_are_bounded():

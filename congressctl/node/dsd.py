@@ -20,7 +20,9 @@ A claim reads "run:<epoch>" until the POST is answered, then "done". A newer DSD
 "run" by an older epoch: that DSD died or was cut off mid-POST, and its POST may never have arrived. The one
 case left is a DSD lost between the sink's answer and the "done" mark (about a round trip): the action
 then arrives twice, with the same action_id for the receiver to drop the second.
-Only heartbeats of PEs that report themselves synced count as "hearing from" a PE. A PE sends its requests
+Two PEs may name one action two ways (SAME_ACTION_WINDOW_S): another PE's request for an action that ran
+within that window under another id runs nothing. Only heartbeats of PEs that report themselves synced count as
+"hearing from" a PE. A PE sends its requests
 in messages {"pe", "inc", "reqs": [...]}; one that is not the leader sends them in batches (see pe.py).
 
 Liveness (issue 12). Pacemaker sees only what the OCF agent reports, and a process that exists is not a DSD
@@ -119,6 +121,15 @@ def requests_of(message: dict, now: float) -> list[Request]:
         raise ValueError(f"malformed action message: {type(exc).__name__}: {exc}") from None
 
 
+# PEs name an action by the change that made its row appear, and two PEs can see one appearance through different
+# changes: one applied the old DSD's last diff, another saw the row only in the new DSD's full publication, or in a
+# snapshot it resynced from. When the leader changes (replay) or a new DSD appears (every PE resends its last
+# pe.RESEND_WINDOW_S of requests) both names reach this DSD: a request of another PE for the same datasource,
+# action and args as one that ran within this window is taken for the same action. The cost: a row that truly
+# appears twice within it, each time seen by only one PE, runs once.
+SAME_ACTION_WINDOW_S = 30.0
+
+
 class Leadership:
     """Sticky leader choice and the exactly-once bookkeeping. Methods return the requests to run now."""
 
@@ -132,6 +143,8 @@ class Leadership:
         self.last_heard: dict[PeerKey, float] = {}
         self.buffers: dict[PeerKey, OrderedDict[str, Request]] = {}
         self.executed: OrderedDict[str, None] = OrderedDict()
+        # (datasource, action, args) -> (the PE whose request ran it, when), the last SAME_ACTION_WINDOW_S
+        self.ran: OrderedDict[tuple[str, str, str], tuple[PeerKey, float]] = OrderedDict()
         self.counts = DsdCounts()
         self.history: list[tuple[float, PeerKey | None, PeerKey]] = []
 
@@ -157,10 +170,29 @@ class Leadership:
             self.counts.ignored += 1
             return run
         if req.direct or req.pe == self.leader:
-            self._mark(req.id)
-            return run + [req]
+            return run + self._admit([req], now)
         self.buffers.setdefault(req.pe, OrderedDict())[req.id] = req
         return run
+
+    def _admit(self, reqs: list[Request], now: float) -> list[Request]:
+        """Those of `reqs` to run: each marked executed, less those another PE's request ran already under
+        another name (SAME_ACTION_WINDOW_S)."""
+        while self.ran and now - next(iter(self.ran.values()))[1] > SAME_ACTION_WINDOW_S:
+            self.ran.popitem(last=False)
+        admitted = []
+        for r in reqs:
+            self._mark(r.id)
+            what = (r.datasource, r.action, json.dumps(r.args, separators=(",", ":")))
+            earlier = self.ran.get(what)
+            if earlier is not None and earlier[0] != r.pe:
+                self.counts.ignored += 1
+                continue
+            self.ran[what] = (r.pe, now)
+            self.ran.move_to_end(what)
+            admitted.append(r)
+        while len(self.ran) > self.capacity:
+            self.ran.popitem(last=False)
+        return admitted
 
     def forgive(self, now: float) -> None:
         """Count every known PE as heard now: this DSD could not hear them (it was off the bus)."""
@@ -195,9 +227,7 @@ class Leadership:
         self.counts.leader_changes += 1
         self.history.append((time.time(), old, pe))
         del self.history[:-50]
-        replay = [r for r in self.buffers.pop(pe, {}).values() if not self.is_executed(r.id)]
-        for r in replay:
-            self._mark(r.id)
+        replay = self._admit([r for r in self.buffers.pop(pe, {}).values() if not self.is_executed(r.id)], now)
         self.counts.replayed += len(replay)
         log.info("leader is now %s/%s (was %s); replaying %d buffered request(s)", pe[0], pe[1],
                  "/".join(old) if old else "none", len(replay))
