@@ -164,6 +164,9 @@ def test_names_follow_the_conventions_and_recording_can_be_off(node_cluster):
     assert a.request("PUT", "/v1/data-sources/ds/tables/t/rows", [[1]])[0] == 200
     wait_for(lambda: value(scrape(a.metrics_url), "congress_pe_table_seq", datasource="ds", table="t") >= 2, 15,
              what="the pushed row applied")
+    # the lag is exported once a DSD heartbeat has named the table's version (every heartbeat interval)
+    lag = ("congress_pe_table_lag", (("datasource", "ds"), ("table", "t")))
+    wait_for(lambda: lag in scrape(a.metrics_url), 15, what="the table's lag exported")
     assert a.get("/v1/policies")[0] == 200 and quiet.get("/v1/policies")[0] == 200
     exported = {s.name for f in text_string_to_metric_families(status_metrics.render(captured_report()))
                 for s in f.samples}
