@@ -125,6 +125,7 @@ def check(events: Sequence[Event], *, fault: Fault, thresholds: Thresholds) -> S
     result = ScenarioResult(fault.name, fault.description, target=fault.target_name)
     _count_actions(result, events, fault=fault, t_fault=t_fault)
     _count_requests(result, events, rolling=fault.rolling)
+    _outages(result, events)
     _get_latency(result, events, t_fault=t_fault)
     result.pool_exit_s = pool_exit_s(events, server=result.target, t_fault=t_fault)
     result.executor_overlaps = executor_overlaps(_of(events, "action"))
@@ -191,8 +192,6 @@ def _count_requests(result: ScenarioResult, events: Sequence[Event], *, rolling:
     result.failed_requests = sum(1 for e in gets if not e.ok)
     result.writes = len(writes)
     result.failed_writes = sum(1 for w in writes if not w.acked)
-    result.write_outage_s = write_outage(writes)
-    result.read_outage_s = outage_s([(e.t, e.ok) for e in gets])
     refused = [e for e in _of(events, "write") if not e.ok]
     result.bad_write_answers = sum(1 for e in refused if e.status != 503)
     result.refusals = list(dict.fromkeys(e.message or "" for e in refused if e.status == 503))[:MAX_REFUSALS]
@@ -202,6 +201,12 @@ def _count_requests(result: ScenarioResult, events: Sequence[Event], *, rolling:
         pushes = _of(events, "push")
         result.requests += len(pushes)
         result.failed_requests += sum(1 for p in pushes if p.outcome != "ok")
+
+
+def _outages(result: ScenarioResult, events: Sequence[Event]) -> None:
+    """A scenario's longest runs of failed writes and GETs (a chaos run judges its stretches one by one)."""
+    result.write_outage_s = write_outage([Write(e.t, e.name or "", e.ok) for e in _of(events, "write")])
+    result.read_outage_s = outage_s([(e.t, e.ok) for e in _of(events, "request")])
 
 
 def _get_latency(result: ScenarioResult, events: Sequence[Event], *, t_fault: float) -> None:
