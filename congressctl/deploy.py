@@ -319,11 +319,13 @@ def _refuse_live_bus_tls_switch(inv: Inventory, node: Node, conn: remote.Connect
     the roll would stop with the bus half switched. Refused before anything is touched on any host."""
     if not node.has("bus"):
         return
-    current = conn.run(f"cat {REDIS_CONF_PATH}", timeout=10, check=False)
-    if current.exit_code != 0:
-        return   # never deployed here
-    was_tls = any(line.startswith("tls-port ") for line in current.stdout.splitlines())
-    if was_tls == inv.bus.tls or conn.run("pgrep -x redis-server", timeout=10, check=False).exit_code != 0:
+    # grep's status: 0 TLS, 1 plain, 2 no config (never deployed here); then pgrep's: 0 while Redis runs
+    answer = conn.run(f"grep -qs '^tls-port ' {REDIS_CONF_PATH}; echo $?; pgrep -x redis-server >/dev/null; echo $?",
+                      timeout=10, check=False).stdout.split()
+    if len(answer) != 2 or answer[0] not in ("0", "1") or answer[1] != "0":
+        return
+    was_tls = answer[0] == "0"
+    if was_tls == inv.bus.tls:
         return
     on_off = {True: "on", False: "off"}
     raise DeployError(
