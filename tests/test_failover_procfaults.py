@@ -17,6 +17,7 @@ from congressctl import pacemaker, verify
 from congressctl.errors import FailoverError
 from congressctl.failover import FAULTS, Event, Thresholds, check, faults
 from congressctl.failover.cluster import Cluster
+from congressctl.failover.history import History
 from congressctl.inventory import generate, load_inventory, parse_inventory
 from congressctl.render import render_cib
 
@@ -216,3 +217,23 @@ def test_a_lost_host_may_take_a_fence_action_longer_with_fencing_on(fencing, lim
     th = Thresholds()
     assert Cluster.node_limit(cluster, th.node_slack_s, fenced_s=th.fence_slack_s) == pytest.approx(limit)
     assert Cluster.node_limit(cluster, th.node_slack_s) == pytest.approx(2.85 + 2.0)
+
+
+def _observed_disk_full(*, refused_at: list[float]) -> list[str]:
+    """DiskFull.observe over a chaos-like history: an earlier fault's inject and restore come first."""
+    history = History()
+    f = FAULTS["disk-full"](cluster=None, thresholds=Thresholds(), history=history)
+    history.add("fault", "n1 delays what it sends", t=1.0)
+    history.add("restore", "n1: rule removed", t=2.0)
+    f.filling_from, f.freed_at = 40.0, 44.0
+    for t in (3.0, *refused_at, 50.0):
+        history.add("write", ok=False, t=t, status=503 if t in refused_at else 201)
+    f.observe()
+    return [e.detail for e in history.of("problem")]
+
+
+def test_disk_full_judges_its_own_window_not_the_first_fault_of_a_chaos_run():
+    assert _observed_disk_full(refused_at=[40.1, 43.0]) == []
+    assert _observed_disk_full(refused_at=[]) == ["no write was answered 503 while the disk was full"]
+    # a 503 outside its window (while another fault held) is not this fault's
+    assert _observed_disk_full(refused_at=[1.5]) == ["no write was answered 503 while the disk was full"]

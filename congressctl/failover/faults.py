@@ -948,8 +948,16 @@ class DiskFull(Fault):
                                 "gives each host's Redis a small tmpfs)", host=node.name)
         return node
 
+    def __init__(self, cluster: Cluster, thresholds: Thresholds, history: History):
+        super().__init__(cluster, thresholds, history)
+        # its own window: in a chaos run the history's first fault and restore are other faults'
+        self.filling_from: float | None = None
+        self.freed_at: float | None = None
+
     def inject(self) -> None:
         node = self._target()
+        # Redis may refuse writes while dd is still filling (the fault event is added once dd has stopped)
+        self.filling_from = self.history.now()
         out = self.cluster.ssh(node, f"dd if=/dev/zero of={FILL_FILE} bs=1M 2>&1; df -P -k {REDIS_DATA_DIR} | "
                                      "tail -n1", timeout=120)
         t = self.history.add("fault", f"{REDIS_DATA_DIR} on {node.name} filled ({FILL_FILE})", host=node.name)
@@ -963,12 +971,12 @@ class DiskFull(Fault):
     def heal(self) -> None:
         node = self._target()
         self.cluster.ssh(node, f"rm -f {FILL_FILE}")
-        self.history.add("restore", f"{FILL_FILE} removed on {node.name}", host=node.name)
+        self.freed_at = self.history.add("restore", f"{FILL_FILE} removed on {node.name}", host=node.name)
 
     def observe(self) -> None:
-        t_fault, healed = self.history.first("fault"), self.history.first("restore")
-        assert t_fault is not None and healed is not None   # inject() and heal() came first
-        if not any(e.status == 503 for e in self.history.of("write") if t_fault <= e.t < healed):
+        filled, freed = self.filling_from, self.freed_at
+        assert filled is not None and freed is not None   # inject() and heal() came first
+        if not any(e.status == 503 for e in self.history.of("write") if filled <= e.t < freed):
             self.history.add("problem", "no write was answered 503 while the disk was full", ok=False)
 
     def finish(self) -> list[str]:
