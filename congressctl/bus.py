@@ -216,13 +216,17 @@ class Bus:
         return peer
 
     async def heartbeat_loop(self) -> None:
+        # on a fixed cadence, not a fixed pause: a publish that waited on a busy Redis, or a loop that was busy,
+        # would otherwise push every later beat back by as much
+        due = time.monotonic()
         while not self.stopping:
             if self.connected:
                 try:
                     await self.publish(self.channels.heartbeat, self.heartbeat_payload())
                 except BusError as exc:
                     log.debug("heartbeat not sent: %s", exc)
-            await self.wait_stop(self.heartbeat_s)
+            due = max(due + self.heartbeat_s, time.monotonic())
+            await self.wait_stop(due - time.monotonic())
 
     async def wait_stop(self, seconds: float) -> None:
         """Sleep `seconds`, returning early when the bus is stopped."""

@@ -491,3 +491,33 @@ def test_action_message_parsing():
                 {"pe": "n1", "inc": "i1", "reqs": ["not an object"]}):
         with pytest.raises(ValueError, match="malformed action message"):
             requests_of(bad, now=0.0)
+
+
+def test_heartbeats_keep_their_cadence_when_each_publish_is_slow(redis_server):
+    """A beat whose publish waits (a busy Redis) does not push the next one back: the beats are heartbeat_s
+    apart on average, not heartbeat_s plus the wait."""
+    async def go():
+        listener, beating = Probe(redis_server, "l"), Probe(redis_server, "b")
+        heard: list[float] = []
+
+        async def on_message(channel, data):
+            if data.get("node") == "b":
+                heard.append(time.monotonic())
+        listener.bus.on_message = on_message
+        listener.bus.subscribe = [listener.bus.channels.heartbeat]
+        publish = beating.bus.publish
+
+        async def slow_publish(channel, payload):
+            await asyncio.sleep(0.035)
+            return await publish(channel, payload)
+        beating.bus.publish = slow_publish
+        tl = listener.start()
+        await until(lambda: listener.bus.connected)
+        tb = beating.start()
+        await until(lambda: len(heard) >= 21)
+        await beating.stop(tb)
+        await listener.stop(tl)
+        return heard
+    heard = run(go())
+    mean_gap = (heard[20] - heard[0]) / 20
+    assert 0.045 < mean_gap < 0.075, mean_gap   # heartbeat_s 0.05; a fixed pause after each: 0.085 and more

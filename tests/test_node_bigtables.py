@@ -232,3 +232,13 @@ def test_a_large_body_parsed_in_pieces_is_the_body_parsed_whole(indent):
         except ValueError:
             continue
         assert not all(isinstance(p, list) for p in result)   # not a list: refused as such by the API
+
+
+def test_rows_longer_than_the_cut_search_window_are_cut_where_they_end():
+    """The next cut is looked for in a 64 KB window, then to the end: a row longer than the window still ends
+    its piece, and list rows (no "},") never search the body to its end for each piece."""
+    body = [["long", "x" * 100_000], {"id": "o", "v": "y" * 70_000}, ["short", 1]] * 3
+    raw = json.dumps(body).encode()
+    pieces = split_rows(raw, 10)
+    assert len(pieces) == len(body) and b",".join(pieces) == raw[1:-1]
+    assert [r for p in asyncio.run(rows_in_pieces(raw, 10)) for r in p] == body

@@ -121,15 +121,23 @@ def split_rows(raw: bytes, piece_bytes: int) -> list[bytes] | None:
     pieces: list[bytes] = []
     start, end = 1, len(text) - 1
     while end - start > piece_bytes:
-        cuts = [c for c in (text.find(b"],", start + piece_bytes, end), text.find(b"},", start + piece_bytes, end))
-                if c >= 0]
-        if not cuts:
+        cut = _element_end(text, start + piece_bytes, end)
+        if cut is None:
             break
-        cut = min(cuts) + 1
         pieces.append(text[start:cut])
         start = cut + 1
     pieces.append(text[start:end])
     return pieces
+
+
+def _element_end(text: bytes, after: int, end: int) -> int | None:
+    """The first "]" or "}" followed by a comma at or past `after`. Looked for in a window first: a body of
+    rows that are all lists has no "}," and a search to its end for every piece took 130 ms for 30 MB."""
+    for stop in (min(end, after + (1 << 16)), end):
+        cuts = [c for c in (text.find(b"],", after, stop), text.find(b"},", after, stop)) if c >= 0]
+        if cuts:
+            return min(cuts) + 1
+    return None
 
 
 async def rows_in_pieces(raw: bytes, piece_bytes: int = PARSE_PIECE_BYTES) -> list[Any]:
