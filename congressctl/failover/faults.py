@@ -940,6 +940,12 @@ class DiskFull(Fault):
     heals_itself = False
     refuses_writes = True
 
+    def __init__(self, cluster: Cluster, thresholds: Thresholds, history: History):
+        super().__init__(cluster, thresholds, history)
+        # its own window: in a chaos run the history's first fault and restore are other faults'
+        self.filling_from: float | None = None
+        self.freed_at: float | None = None
+
     def pick_target(self) -> Node:
         node = _promoted_bus(self)
         why = disk_refusal(self.cluster.ssh(node, f"df -P -k {REDIS_DATA_DIR} | tail -n1"))
@@ -947,12 +953,6 @@ class DiskFull(Fault):
             raise FailoverError(f"disk-full refused: {why}; filling a disk the host shares is not a test (the lab "
                                 "gives each host's Redis a small tmpfs)", host=node.name)
         return node
-
-    def __init__(self, cluster: Cluster, thresholds: Thresholds, history: History):
-        super().__init__(cluster, thresholds, history)
-        # its own window: in a chaos run the history's first fault and restore are other faults'
-        self.filling_from: float | None = None
-        self.freed_at: float | None = None
 
     def inject(self) -> None:
         node = self._target()

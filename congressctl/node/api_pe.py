@@ -109,6 +109,8 @@ PUSH_PIECE_ROWS = 20_000
 # A rows PUT body larger than this is parsed in pieces of about this size (some 20 ms of json.loads each): one
 # json.loads of 50 MB took the loop away for over a second.
 PARSE_PIECE_BYTES = 1 << 20
+# where the next cut is looked for first, past a piece's size (then to the body's end)
+CUT_WINDOW_BYTES = 1 << 16
 
 
 def split_rows(raw: bytes, piece_bytes: int) -> list[bytes] | None:
@@ -133,7 +135,7 @@ def split_rows(raw: bytes, piece_bytes: int) -> list[bytes] | None:
 def _element_end(text: bytes, after: int, end: int) -> int | None:
     """The first "]" or "}" followed by a comma at or past `after`. Looked for in a window first: a body of
     rows that are all lists has no "}," and a search to its end for every piece took 130 ms for 30 MB."""
-    for stop in (min(end, after + (1 << 16)), end):
+    for stop in (min(end, after + CUT_WINDOW_BYTES), end):
         cuts = [c for c in (text.find(b"],", after, stop), text.find(b"},", after, stop)) if c >= 0]
         if cuts:
             return min(cuts) + 1
