@@ -189,6 +189,35 @@ def test_after_a_promotion_replicas_follow_the_new_master_at_once_and_a_switchov
     assert [i for i in range(50) if b.client().get(f"through-a-{i}") != str(i)] == []
 
 
+def test_a_replica_whose_master_stopped_answering_scores_by_its_offset_not_as_in_sync(bus) -> None:
+    # Redis keeps a lost master's link "up" until repl-timeout, longer than the cluster takes to choose whom to
+    # promote: a score of "in sync" then let it choose a less current replica, whose promote refused
+    m, master, a, b, agents = bus
+    answering = agents["b"].run("monitor")
+    assert answering.returncode == OCF_SUCCESS and "no master answers" not in answering.stderr
+    os.kill(master.pid, signal.SIGSTOP)
+    try:
+        assert b.replication()["master_link_status"] == "up"
+        frozen = agents["b"].run("monitor")
+        assert frozen.returncode == OCF_SUCCESS, frozen.stderr
+        assert f"no master answers at 127.0.0.1:{m.port}; promotion score 200 (0 peer(s) ahead)" in frozen.stderr
+    finally:
+        os.kill(master.pid, signal.SIGCONT)
+
+
+def test_after_a_refused_promotion_no_replica_follows_the_refusing_one_nor_itself(bus) -> None:
+    m, master, a, b, agents = bus
+    master.kill()
+    master.wait(timeout=5)
+    notify = {"OCF_RESKEY_CRM_meta_notify_type": "post", "OCF_RESKEY_CRM_meta_notify_operation": "promote",
+              "OCF_RESKEY_CRM_meta_notify_promote_uname": "b "}
+    for name in ("a", "b"):      # b's promote refused: b is still a replica, and nobody is master
+        agents[name].env.update({**notify, "OCF_RESKEY_CRM_meta_on_node": name})
+        assert agents[name].run("notify").returncode == OCF_SUCCESS
+    assert a.replication()["master_port"] == m.port
+    assert b.replication()["master_port"] == m.port
+
+
 def test_a_frozen_redis_fails_its_monitor_within_the_monitor_timeout_and_stop_ends_it(bus) -> None:
     """bus-pause: a SIGSTOPped redis-server still has its pid, but its monitor fails within the timeouts the
     CIB gives (5 s promoted, 10 s unpromoted), and stop ends it well within its 30 s, so that with fencing on
