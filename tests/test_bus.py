@@ -446,6 +446,23 @@ def test_paused_old_leader_coming_back_causes_no_duplicates():
     assert sorted(r.id for r in ran) == ["a0", "a1", "a2"]
 
 
+def test_a_leader_back_from_a_bus_outage_runs_once_what_the_others_asked_for_meanwhile():
+    """A (the leader) loses its subscription while the DSD, off the bus too, forgives its silence: A resyncs
+    from a snapshot and never asks for rows 1 and 2, which came and went meanwhile; B saw them. A's next
+    session runs B's buffered requests, less row 3, which A's resync named its own way and ran."""
+    lead = Leadership(peer_timeout_s=1.0, buffer_s=3.0)
+    lead.heard(A, 0.0, 1), lead.heard(B, 0.0, 1)
+    ran = lead.request(req(0, A, 0.1), 0.1) + lead.request(req(0, B, 0.1), 0.1)
+    for i in (1, 2, 3):
+        ran += lead.request(req(i, B, 0.5), 0.5)
+    assert lead.heard(A, 0.6, 1) == [] and lead.heard(B, 0.6, 1) == []      # same sessions: nothing to do
+    ran += lead.request(Request(id="a3-resync", datasource="ds", action="act", args=[3], pe=A, received=0.7), 0.7)
+    ran += lead.heard(A, 0.8, 2)
+    assert sorted(r.id for r in ran) == ["a0", "a1", "a2", "a3-resync"]
+    assert lead.leader == A and lead.counts.replayed == 2
+    assert lead.heard(A, 0.9, 2) == [] and lead.request(req(4, B, 1.0), 1.0) == []   # B follows again
+
+
 def test_another_pes_name_for_an_action_that_ran_runs_nothing_but_the_same_pes_does():
     """A's request ran row 1 as a1; B saw the row appear through another change and names it b1: B's resend
     (direct) and B's replay as the new leader run nothing. A row that appears again (A names it anew) runs again,

@@ -965,7 +965,8 @@ class ApiPeNode(BusWorker):
     def heartbeat_payload(self) -> dict:
         return PeHeartbeat(node=self.cfg.node_id, inc=self.incarnation, ts=time.time(), synced=self.synced,
                            actions_sent=self.pe.actions_sent,
-                           tables={s.key: [s.epoch, s.seq] for s in self.pe.tables.values()}).to_dict()
+                           tables={s.key: [s.epoch, s.seq] for s in self.pe.tables.values()},
+                           session=self.bus.reconnects).to_dict()
 
     def health_problem(self) -> str | None:
         """Why HAProxy should not send here (None: it may). A node with a copy stays in the pool while the bus
