@@ -54,14 +54,15 @@ lint: venv
 # (conftest's order; a test using the lab is marked `lab` there). Running the two side by side was tried: the
 # unit tests' timing-sensitive cases (Ctrl-C at a prompt, SIGTERM without the bus) failed under the lab's load;
 # so did two workers sharing one lab (pytest-xdist's groups).
-# PYTEST_ARGS goes to both; with a selection, a run left with no test (pytest's exit 5) is not a failure.
+# PYTEST_ARGS goes to both; with a selection, a run left with no test (pytest's exit 5) is not a failure. Each
+# run lists its 15 slowest tests: the suite is held under 25 minutes, and that list says where its time goes.
 UNIT_WORKERS ?= 3
 test: install lint
 	@rc=0; \
 	run() { $(BIN)/pytest "$$@" $(PYTEST_ARGS); s=$$?; \
 		if [ $$s -ne 0 ] && { [ $$s -ne 5 ] || [ -z "$(PYTEST_ARGS)" ]; }; then rc=$$s; fi; }; \
-	run -m "not lab" -n $(UNIT_WORKERS); \
-	run -m lab; \
+	run -m "not lab" -n $(UNIT_WORKERS) --durations=15; \
+	run -m lab --durations=15; \
 	exit $$rc
 
 test-fast: install

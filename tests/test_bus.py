@@ -102,6 +102,24 @@ def test_claims_run_each_action_once_per_epoch_and_hand_over_unanswered_ones(red
     assert x0 == "done"   # a stale DSD still records the POSTs that were answered
 
 
+def test_a_claim_whose_answer_was_lost_runs_when_its_dsd_claims_it_again_and_only_then(redis_server):
+    """A bus failover can cut the claim's round trip after Redis kept (and replicated) the claim: the DSD,
+    which POSTed nothing, tries again, and must find its own claim its own. Only a retried claim does: a second
+    request for a claimed id still runs nothing, nor does a retried claim already answered."""
+    async def go():
+        r = client_for(redis_server)
+        store = Store(r, Channels("c"))
+        epoch = await store.next_epoch()
+        first = await store.settle_actions(["lost-answer"], [], epoch, 60)
+        again = await store.settle_actions(["lost-answer"], [], epoch, 60)
+        retried = await store.settle_actions(["lost-answer"], [], epoch, 60, retried={"lost-answer"})
+        await store.settle_actions([], ["lost-answer"], epoch, 60)
+        after_done = await store.settle_actions(["lost-answer"], [], epoch, 60, retried={"lost-answer"})
+        await r.aclose()
+        return first, again, retried, after_done
+    assert run(go()) == ([True], [False], [True], [False])
+
+
 def test_pushed_rows_carry_a_version_in_store_and_notice(redis_server):
     async def go():
         r = client_for(redis_server)

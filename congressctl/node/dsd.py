@@ -328,6 +328,7 @@ class DsdNode(BusWorker):
         self.drop = set(cfg.test_hooks.drop_publish)
         self.exec_slots = asyncio.Semaphore(64)
         self.to_claim: list[Request] = []
+        self.unanswered: set[str] = set()   # ids whose claim got no answer (see ledger_loop)
         self.to_mark: list[str] = []          # ids whose POST was answered, to mark "done"
         self.ledger_due = asyncio.Event()
         self.stale = False
@@ -728,6 +729,7 @@ class DsdNode(BusWorker):
             await self.ledger_due.wait()
             self.ledger_due.clear()
             claims, self.to_claim = self.to_claim[:1000], self.to_claim[1000:]
+            retried = self.unanswered.intersection(r.id for r in claims)
             marks, self.to_mark = self.to_mark, []
             if self.to_claim:
                 self.ledger_due.set()
@@ -737,12 +739,15 @@ class DsdNode(BusWorker):
             started = time.perf_counter()
             try:
                 claimed = await self.store.settle_actions([r.id for r in claims], marks, self.epoch,
-                                                          self.cfg.timings.executed_ttl_s)
+                                                          self.cfg.timings.executed_ttl_s, retried=retried)
             except BusError as exc:
                 # a bus failover takes seconds: the claims wait for the new master instead of failing (nothing
-                # was POSTed, so claiming again later is still exactly-once)
+                # was POSTed, so claiming again later is still exactly-once; the claims may have been kept,
+                # replicated, with the answer lost: the next try takes its own)
                 now = time.monotonic()
                 keep = [r for r in claims if now - r.received <= CLAIM_PATIENCE_S]
+                self.unanswered.difference_update(r.id for r in claims)
+                self.unanswered.update(r.id for r in keep)
                 self._failed([r for r in claims if now - r.received > CLAIM_PATIENCE_S], exc)
                 self.to_claim[:0] = keep
                 self.to_mark[:0] = marks
@@ -753,6 +758,7 @@ class DsdNode(BusWorker):
                 log.error("epoch %d superseded: %d action(s) left to the newer DSD", self.epoch, len(claims))
                 self.stale = True
                 continue
+            self.unanswered.difference_update(r.id for r in claims)
             self.metrics.claim(time.perf_counter() - started)
             claimed_at = time.monotonic()
             for req, ok in zip(claims, claimed):

@@ -325,19 +325,24 @@ return 1
 
 
 # A DSD's one round trip for its executed ids. KEYS: epoch counter, executed:<id> of each action to claim,
-# then of each action whose POST was answered. ARGV: the DSD's epoch, TTL, number of claims.
+# then of each action whose POST was answered. ARGV: the DSD's epoch, TTL, number of claims, then per claim
+# "1" when this DSD claimed it before without hearing the answer (a bus failover cut the round trip), else "0".
 # The answered ones become "done". Then -1 when a newer epoch exists (this DSD is stale), else per claim
 # 1 (run it) or 0 (done, or running on this DSD). A claim still "run:<older epoch>" belongs to a DSD that
 # died or was cut off before its POST was answered: it is taken over, since that POST may never have arrived.
+# One "run:<own epoch>" on a claim tried again is this DSD's own lost answer: nothing was POSTed, so it runs
+# (without that, an action claimed just before a failover, and replicated, ran nowhere: chaos seed 11).
 _SETTLE = """
 local epoch = tonumber(ARGV[1])
 local n_claim = tonumber(ARGV[3])
+local mine = 'run:' .. ARGV[1]
 for i = n_claim + 2, #KEYS do redis.call('SET', KEYS[i], 'done', 'XX', 'KEEPTTL') end
 if tonumber(redis.call('GET', KEYS[1]) or '0') > epoch then return -1 end
 local out = {}
 for i = 2, n_claim + 1 do
   local v = redis.call('GET', KEYS[i])
-  if not v or (string.sub(v, 1, 4) == 'run:' and tonumber(string.sub(v, 5)) < epoch) then
+  if not v or (string.sub(v, 1, 4) == 'run:' and tonumber(string.sub(v, 5)) < epoch)
+      or (v == mine and ARGV[i + 2] == '1') then
     redis.call('SET', KEYS[i], 'run:' .. ARGV[1], 'EX', ARGV[2])
     out[#out + 1] = 1
   else
@@ -867,10 +872,13 @@ class Store:
     def k_executed(self, action_id: str) -> str:
         return self.ch.key("executed", action_id)
 
-    async def settle_actions(self, claim: list[str], answered: list[str], epoch: int, ttl_s: int) -> list[bool] | None:
+    async def settle_actions(self, claim: list[str], answered: list[str], epoch: int, ttl_s: int, *,
+                             retried: set[str] | frozenset[str] = frozenset()) -> list[bool] | None:
         """Mark `answered` done, then say for each id of `claim` whether this DSD may POST it now: once per id
-        and epoch, and again by a newer epoch while no DSD has seen its POST answered. None when a newer epoch
+        and epoch, and again by a newer epoch while no DSD has seen its POST answered. `retried`: ids whose
+        earlier claim by this DSD got no answer (they run if that claim was kept). None when a newer epoch
         exists (this DSD is stale). One round trip."""
         keys = [self.k_epoch, *map(self.k_executed, claim), *map(self.k_executed, answered)]
-        done = await self._write(self._settle, keys, [epoch, ttl_s, len(claim)])
+        flags = ["1" if i in retried else "0" for i in claim]
+        done = await self._write(self._settle, keys, [epoch, ttl_s, len(claim), *flags])
         return None if done == -1 else [bool(d) for d in done]
