@@ -103,6 +103,7 @@ class Request:
     pe: PeerKey
     direct: bool = False
     received: float = 0.0
+    retried: bool = False   # its claim's round trip failed once (see ledger_loop)
 
     @classmethod
     def from_message(cls, data: dict, pe: PeerKey, now: float) -> Request:
@@ -178,8 +179,9 @@ class Leadership:
         their buffered requests run now, less those the leader ran under its own names (SAME_ACTION_WINDOW_S). A
         DSD off the bus at the same time forgave the leader's silence, so no new leader replayed them (chaos
         seed 11: the leader PE's session dropped with the DSD's in a bus failover, and 6 rows never ran)."""
-        waiting = [r for other in list(self.buffers) if other != pe for r in self.buffers.pop(other).values()
-                   if not self.is_executed(r.id)]
+        waiting = []
+        for other in [p for p in self.buffers if p != pe]:
+            waiting += [r for r in self.buffers.pop(other).values() if not self.is_executed(r.id)]
         run = self._admit(sorted(waiting, key=lambda r: r.received), now)
         self.counts.replayed += len(run)
         log.info("leader %s/%s was off the bus; running %d of the %d request(s) other PEs sent meanwhile",
@@ -328,7 +330,6 @@ class DsdNode(BusWorker):
         self.drop = set(cfg.test_hooks.drop_publish)
         self.exec_slots = asyncio.Semaphore(64)
         self.to_claim: list[Request] = []
-        self.unanswered: set[str] = set()   # ids whose claim got no answer (see ledger_loop)
         self.to_mark: list[str] = []          # ids whose POST was answered, to mark "done"
         self.ledger_due = asyncio.Event()
         self.stale = False
@@ -729,7 +730,7 @@ class DsdNode(BusWorker):
             await self.ledger_due.wait()
             self.ledger_due.clear()
             claims, self.to_claim = self.to_claim[:1000], self.to_claim[1000:]
-            retried = self.unanswered.intersection(r.id for r in claims)
+            retried = {r.id for r in claims if r.retried}
             marks, self.to_mark = self.to_mark, []
             if self.to_claim:
                 self.ledger_due.set()
@@ -746,8 +747,8 @@ class DsdNode(BusWorker):
                 # replicated, with the answer lost: the next try takes its own)
                 now = time.monotonic()
                 keep = [r for r in claims if now - r.received <= CLAIM_PATIENCE_S]
-                self.unanswered.difference_update(r.id for r in claims)
-                self.unanswered.update(r.id for r in keep)
+                for r in keep:
+                    r.retried = True
                 self._failed([r for r in claims if now - r.received > CLAIM_PATIENCE_S], exc)
                 self.to_claim[:0] = keep
                 self.to_mark[:0] = marks
@@ -758,7 +759,6 @@ class DsdNode(BusWorker):
                 log.error("epoch %d superseded: %d action(s) left to the newer DSD", self.epoch, len(claims))
                 self.stale = True
                 continue
-            self.unanswered.difference_update(r.id for r in claims)
             self.metrics.claim(time.perf_counter() - started)
             claimed_at = time.monotonic()
             for req, ok in zip(claims, claimed):
