@@ -118,9 +118,10 @@ class DatasourceStatus:
 @dataclass
 class PeHeartbeat:
     """What an api-pe publishes every heartbeat interval: who it is, whether it finished its sync (only then
-    does the DSD count it as a PE it hears from), the (epoch, seq) of each table it holds, and its bus session
-    (one more at each subscription: a PE whose session changed was off the bus, and resynced past the diffs it
-    missed; 0 from a node older than this field)."""
+    does the DSD count it as a PE it hears from), the (epoch, seq) of each table it holds, and its breaks: one
+    more at each bus subscription and at each table resync that jumped over diffs. A PE whose breaks changed
+    missed some diffs (it was off the bus, or they waited behind a resync and were dropped as old), so a row that
+    came and went among them derived no action there (0 from a node older than this field)."""
 
     node: str
     inc: str
@@ -129,12 +130,12 @@ class PeHeartbeat:
     actions_sent: int = 0
     tables: TablePositions = field(default_factory=dict)
     role: str = "api-pe"
-    session: int = 0
+    breaks: int = 0
 
     def to_dict(self) -> dict:
         # the key order nodes have always sent
         return {"node": self.node, "role": self.role, "inc": self.inc, "ts": self.ts, "synced": self.synced,
-                "actions_sent": self.actions_sent, "tables": dict(self.tables), "session": self.session}
+                "actions_sent": self.actions_sent, "tables": dict(self.tables), "breaks": self.breaks}
 
     @classmethod
     def from_dict(cls, data: Any) -> PeHeartbeat:

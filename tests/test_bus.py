@@ -12,6 +12,7 @@ import pytest
 from congressctl.bus import COMMAND_TIMEOUT_S, Bus, Channels, make_redis
 from congressctl.errors import BusError
 from congressctl.node.dsd import SAME_ACTION_WINDOW_S, Leadership, PeerKey, Request, requests_of
+from congressctl.node import store as store_module
 from congressctl.node.store import Store, row_key
 from congressctl.payloads import PeHeartbeat
 
@@ -70,6 +71,32 @@ def test_publish_table_keeps_snapshot_and_seq_together_and_refuses_stale_epoch(r
     assert messages[0]["full"] is True and messages[0]["rows"] == [[0, "r0"], [1, "r1"], [2, "r2"]]
     assert (messages[1]["seq"], messages[1]["add"], messages[1]["del"]) == (2, [[9, "r9"]], [[0, "r0"]])
     assert extra is None  # seq 3 was stored but its publication dropped (the test hook path)
+
+
+def test_a_small_snapshot_is_one_round_trip_and_a_large_one_is_read_whole_in_pieces(redis_server, monkeypatch):
+    """A resync holds its table's diffs waiting: a small table's snapshot is one command (read in pieces, it took
+    11 round trips while publications kept coming). Past CHUNK_ROWS it is read in pieces, every row still there."""
+    monkeypatch.setattr(store_module, "CHUNK_ROWS", 4)
+
+    async def go():
+        r = client_for(redis_server)
+        store = Store(r, Channels("c"))
+        await store.publish_table("d1", "ds", "small", 2, 1, [row_key((i, "s")) for i in range(4)], [], full=True)
+        await store.publish_table("d1", "ds", "big", 2, 7, [row_key((i, "b")) for i in range(9)], [], full=True)
+        calls = await r.info("commandstats")
+        small = await store.snapshot("d1", "small")
+        between = await r.info("commandstats")
+        big = await store.snapshot("d1", "big")
+        after = await r.info("commandstats")
+        await r.aclose()
+        return small, big, [{k: v["calls"] for k, v in c.items()} for c in (calls, between, after)]
+    small, big, (calls, between, after) = run(go())
+    assert (small.epoch, small.seq, small.rows) == (2, 1, {(i, "s") for i in range(4)})
+    assert (big.epoch, big.seq, big.rows) == (2, 7, {(i, "b") for i in range(9)})
+    spent = {k: n - calls.get(k, 0) for k, n in between.items() if n != calls.get(k, 0)}
+    # the script's own commands count too: what matters is that nothing was read in pieces
+    assert set(spent) <= {f"cmdstat_{c}" for c in ("evalsha", "eval", "script|load", "info", "hmget", "scard", "smembers")}, spent
+    assert after.get("cmdstat_sscan", 0) >= 3
 
 
 def test_claims_run_each_action_once_per_epoch_and_hand_over_unanswered_ones(redis_server):
@@ -478,7 +505,21 @@ def test_a_leader_back_from_a_bus_outage_runs_once_what_the_others_asked_for_mea
     ran += lead.heard(A, 0.8, 2)
     assert sorted(r.id for r in ran) == ["a0", "a1", "a2", "a3-resync"]
     assert lead.leader == A and lead.counts.replayed == 2
-    assert lead.heard(A, 0.9, 2) == [] and lead.request(req(4, B, 1.0), 1.0) == []   # B follows again
+    assert lead.heard(A, 0.9, 2) == [] and lead.request(req(4, B, 1.9), 1.9) == []   # B follows again
+
+
+def test_a_leader_that_skipped_diffs_runs_the_others_requests_also_those_still_held():
+    """A (the leader) stays on the bus, but a resync of its made it drop diffs 1 and 2 as old (packet-delay on its
+    host): its breaks go up. B's buffered request for row 1 runs at once; B's request for row 2, held a heartbeat
+    before sending, arrives after A's heartbeat and runs too; B's request for row 0, which A ran, runs nothing.
+    One peer timeout later B's requests wait again."""
+    lead = Leadership(peer_timeout_s=1.0, buffer_s=3.0)
+    lead.heard(A, 0.0, 1), lead.heard(B, 0.0, 1)
+    ran = lead.request(req(0, A, 0.1), 0.1) + lead.request(req(1, B, 0.3), 0.3)
+    ran += lead.heard(A, 0.4, 2)
+    ran += lead.request(req(2, B, 0.5), 0.5) + lead.request(req(0, B, 0.5), 0.5)
+    assert [r.id for r in ran] == ["a0", "a1", "a2"]
+    assert lead.request(req(3, B, 1.5), 1.5) == [] and lead.leader == A
 
 
 def test_another_pes_name_for_an_action_that_ran_runs_nothing_but_the_same_pes_does():

@@ -92,6 +92,29 @@ def test_dropped_middle_and_last_diffs_are_detected_and_resynced(node_cluster, s
     assert sorted(x[0] for x in sink.args()) == [1, 2, 3, 4, 5]
 
 
+def test_a_row_the_leader_skipped_past_runs_from_the_other_pes_request(node_cluster, sink):
+    """The leader PE drops diff 3 on arrival (as diffs waiting behind a resync are: packet-delay on the leader's
+    host held its reader 1.3 s), so it never sees row 2, which came at seq 3 and went at seq 4; its resync jumps
+    over it. n2 saw row 2: the leader's heartbeat reports the break, and the DSD runs n2's request for it."""
+    node_cluster.add("dsd", "d1")
+    a = node_cluster.add("api-pe", "n1", extra={"test_hooks": {"skip_diffs": ["feed:items:3"]}})
+    wait_for(lambda: (a.get("/v1/status")[1].get("dsd") or {}).get("leader", {}).get("node") == "n1", 10,
+             what="n1 the DSD's leader")
+    b = node_cluster.add("api-pe", "n2")
+    make_feed(a, sink.url)
+    push(a, [(1, "a")])
+    converge([a, b], {(1, "a")})
+    push(a, [(1, "a"), (2, "b")])
+    push(a, [(1, "a")])
+    push(a, [(1, "a"), (3, "c")])
+    converge([a, b], {(1, "a"), (3, "c")})
+    wait_for(lambda: len(sink.ids()) >= 3, 10, what="3 actions")
+    time.sleep(1.0)
+    assert sorted(x[0] for x in sink.args()) == [1, 2, 3]
+    assert table_status(a)["resyncs"] >= 1 and table_status(b)["resyncs"] == 0
+    assert "test hook: diff feed:items:3 dropped" in (node_cluster.dir / "logs" / "n1-api-pe.out").read_text()
+
+
 @pytest.mark.slow
 def test_redis_restart_all_nodes_reconnect_and_converge_nothing_lost(node_cluster, sink):
     d = node_cluster.add("dsd", "d1")

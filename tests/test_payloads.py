@@ -63,9 +63,9 @@ def test_a_built_status_round_trips() -> None:
 
 def test_heartbeats_keep_the_wire_shape_and_round_trip() -> None:
     pe = PeHeartbeat(node="n1", inc="i1", ts=1700000000.25, synced=True, actions_sent=3, tables={"x/t": [2, 5]},
-                     session=2)
+                     breaks=2)
     assert pe.to_dict() == {"node": "n1", "role": "api-pe", "inc": "i1", "ts": 1700000000.25, "synced": True,
-                            "actions_sent": 3, "tables": {"x/t": [2, 5]}, "session": 2}
+                            "actions_sent": 3, "tables": {"x/t": [2, 5]}, "breaks": 2}
     assert PeHeartbeat.from_dict(json.loads(json.dumps(pe.to_dict()))) == pe
     dsd = DsdHeartbeat(node="d1", inc="i9", ts=1700000000.5, epoch=2, tables={"x/t": [2, 5]},
                        leader=Leader(node="n1", inc="i1"), leader_since=1699999999.0,

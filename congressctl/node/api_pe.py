@@ -845,7 +845,7 @@ class ApiPeNode(BusWorker):
         t = cfg.timings
         self.metrics = ApiPeMetrics(cfg.metrics)
         self.pe = PolicyNode(self.store, cfg.node_id, self.incarnation, t.peer_timeout_s, hold_s=t.heartbeat_s,
-                             metrics=self.metrics)
+                             metrics=self.metrics, skip_diffs=frozenset(cfg.test_hooks.skip_diffs))
         self.bus = Bus(self.redis, self.channels, heartbeat_s=t.heartbeat_s, peer_timeout_s=t.peer_timeout_s,
                        subscribe=[self.channels.notice, self.channels.diff], on_message=self.on_message,
                        on_connect=self.on_connect, heartbeat_payload=self.heartbeat_payload)
@@ -966,7 +966,7 @@ class ApiPeNode(BusWorker):
         return PeHeartbeat(node=self.cfg.node_id, inc=self.incarnation, ts=time.time(), synced=self.synced,
                            actions_sent=self.pe.actions_sent,
                            tables={s.key: [s.epoch, s.seq] for s in self.pe.tables.values()},
-                           session=self.bus.reconnects).to_dict()
+                           breaks=self.bus.reconnects + self.pe.skips).to_dict()
 
     def health_problem(self) -> str | None:
         """Why HAProxy should not send here (None: it may). A node with a copy stays in the pool while the bus

@@ -104,9 +104,11 @@ class DatasourceRules:
 
 @dataclass
 class TestHooks:
-    """Fault injection read only by tests: publications to drop, as "ds:table:seq" (any epoch)."""
+    """Fault injection read only by tests, each as "ds:table:seq" (any epoch): publications the DSD drops, and
+    diffs an api-pe drops on arrival (as diffs that waited behind a resync are)."""
 
     drop_publish: list[str] = field(default_factory=list)
+    skip_diffs: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -241,11 +243,12 @@ def load_node_config(path: str | os.PathLike) -> NodeConfig:
         if not 0 <= getattr(metrics, name) <= 65535:
             raise _fail(path, f"metrics.{name}", "must be 0 (no /metrics) or a port")
     h_s = _section(doc, "test_hooks", path)
-    drops = h_s.get("drop_publish", [])
-    if not isinstance(drops, list) or not all(isinstance(d, str) for d in drops):
-        raise _fail(path, "test_hooks.drop_publish", "must be a list of 'ds:table:seq' strings")
+    hooks = {name: h_s.get(name, []) for name in ("drop_publish", "skip_diffs")}
+    for name, value in hooks.items():
+        if not isinstance(value, list) or not all(isinstance(d, str) for d in value):
+            raise _fail(path, f"test_hooks.{name}", "must be a list of 'ds:table:seq' strings")
     return NodeConfig(cluster=doc["cluster"], node_id=doc["node_id"], roles=list(roles), api=api, bus=bus,
-                      timings=timings, paths=paths, test_hooks=TestHooks(drop_publish=drops), metrics=metrics,
+                      timings=timings, paths=paths, test_hooks=TestHooks(**hooks), metrics=metrics,
                       auth=auth, limits=limits,
                       datasources=_datasource_rules(_section(doc, "datasources", path), path), file=path,
                       api_tls=api_tls)

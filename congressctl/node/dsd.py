@@ -11,7 +11,7 @@ deterministic action id. `Leadership` (pure, no I/O) decides: the DSD's leader i
 from; its requests run unless their id already ran; other PEs' requests are kept for `buffer_s` (>= 2 x
 peer_timeout + 1 s). When the leader's heartbeats stop for peer_timeout, the longest-known live PE becomes
 leader and its buffered requests whose ids have not run are run ("replayed"); so are the other PEs' when the
-leader's heartbeat shows a new bus session (it was off the bus: see Leadership._caught_up). An id is marked executed in
+leader's heartbeat shows a new break (it missed diffs: see Leadership._caught_up). An id is marked executed in
 memory before running (bounded, FIFO) and claimed in Redis (executed_ttl_s, 1 h by default) before the HTTP
 POST, so a restarted DSD, or a stale one coming back from SIGSTOP, never runs it again (PEs send their last
 30 s of requests again when a new DSD process appears; these claims make that safe). The claims of every
@@ -143,7 +143,8 @@ class Leadership:
         self.leader_since: float | None = None
         self.first_heard: dict[PeerKey, float] = {}
         self.last_heard: dict[PeerKey, float] = {}
-        self.sessions: dict[PeerKey, int] = {}
+        self.breaks: dict[PeerKey, int] = {}
+        self.catch_up_until = 0.0   # other PEs' requests run, not wait, until then (see _caught_up)
         self.buffers: dict[PeerKey, OrderedDict[str, Request]] = {}
         self.executed: OrderedDict[str, None] = OrderedDict()
         # (datasource, action, args) -> (the PE whose request ran it, when), the last SAME_ACTION_WINDOW_S
@@ -159,32 +160,34 @@ class Leadership:
         while len(self.executed) > self.capacity:
             self.executed.popitem(last=False)
 
-    def heard(self, pe: PeerKey, now: float, session: int | None = None) -> list[Request]:
-        """A heartbeat (with the PE's bus session) or request from a PE. With no leader, that PE becomes it."""
+    def heard(self, pe: PeerKey, now: float, breaks: int | None = None) -> list[Request]:
+        """A heartbeat (with the PE's breaks) or request from a PE. With no leader, that PE becomes it."""
         self.first_heard.setdefault(pe, now)
         self.last_heard[pe] = now
+        before = self.breaks.get(pe)
+        if breaks is not None:
+            self.breaks[pe] = breaks
         if self.leader is None:
             return self._take(pe, now)
-        if session is None:
-            return []
-        before = self.sessions.get(pe)
-        self.sessions[pe] = session
-        if pe != self.leader or before is None or session == before:
+        if pe != self.leader or breaks is None or before is None or breaks == before:
             return []
         return self._caught_up(pe, now)
 
     def _caught_up(self, pe: PeerKey, now: float) -> list[Request]:
-        """The leader was off the bus (its session changed) and resynced from a snapshot: it never saw the rows
-        that came and went meanwhile, and so never asked for their actions. Other PEs that were on the bus did:
-        their buffered requests run now, less those the leader ran under its own names (SAME_ACTION_WINDOW_S). A
-        DSD off the bus at the same time forgave the leader's silence, so no new leader replayed them (chaos
-        seed 11: the leader PE's session dropped with the DSD's in a bus failover, and 6 rows never ran)."""
+        """The leader missed diffs (its breaks changed: it was off the bus, or diffs waited behind a resync and
+        were dropped as old) and resynced from a snapshot: it never saw the rows that came and went meanwhile,
+        and so never asked for their actions. Other PEs that saw them did: their buffered requests run now, and
+        those that arrive for one peer timeout more (a follower holds its requests a heartbeat before sending),
+        less those the leader ran under its own names (SAME_ACTION_WINDOW_S). Nothing else would run them: a
+        DSD off the bus at the same time forgave the leader's silence (chaos seed 11: 6 rows never ran), and a
+        leader that only skipped diffs never went silent (packet-delay on its host: 48 rows)."""
         waiting = []
         for other in [p for p in self.buffers if p != pe]:
             waiting += [r for r in self.buffers.pop(other).values() if not self.is_executed(r.id)]
         run = self._admit(sorted(waiting, key=lambda r: r.received), now)
         self.counts.replayed += len(run)
-        log.info("leader %s/%s was off the bus; running %d of the %d request(s) other PEs sent meanwhile",
+        self.catch_up_until = now + self.peer_timeout_s
+        log.info("leader %s/%s missed diffs; running %d of the %d request(s) other PEs sent meanwhile",
                  pe[0], pe[1], len(run), len(waiting))
         return run
 
@@ -193,7 +196,7 @@ class Leadership:
         if self.is_executed(req.id):
             self.counts.ignored += 1
             return run
-        if req.direct or req.pe == self.leader:
+        if req.direct or req.pe == self.leader or now < self.catch_up_until:
             return run + self._admit([req], now)
         self.buffers.setdefault(req.pe, OrderedDict())[req.id] = req
         return run
@@ -235,7 +238,7 @@ class Leadership:
         for pe in [p for p, t in self.last_heard.items() if now - t > self.buffer_s and p != self.leader]:
             self.last_heard.pop(pe)
             self.first_heard.pop(pe, None)
-            self.sessions.pop(pe, None)
+            self.breaks.pop(pe, None)
             self.counts.expired += len(self.buffers.pop(pe, {}))
         if self.leader is None or now - self.last_heard.get(self.leader, now) <= self.peer_timeout_s:
             return []
@@ -440,8 +443,8 @@ class DsdNode(BusWorker):
             # a PE still loading (or resyncing after a reconnect) cannot be trusted to send every action
             beat = PeHeartbeat.from_dict(data) if data.get("role") == "api-pe" else None
             if beat is not None and isinstance(beat.inc, str) and beat.synced:
-                session = beat.session if isinstance(beat.session, int) and beat.session > 0 else None
-                self._run(self.leadership.heard((beat.node, beat.inc), now, session))
+                breaks = beat.breaks if isinstance(beat.breaks, int) and beat.breaks > 0 else None
+                self._run(self.leadership.heard((beat.node, beat.inc), now, breaks))
         elif channel == ch.push:
             await self.on_push(data)
         elif channel == ch.notice and data.get("kind") == "datasource":

@@ -239,6 +239,14 @@ NEEDS_STAGING = -2
 # One bounded step of a large push's difference: the members of KEYS[1] from one SSCAN step (ARGV[1] the
 # cursor, ARGV[2] the COUNT) that KEYS[2] lacks, added to KEYS[3] (expiring after ARGV[3] s). Returns the next
 # cursor ("0": done). Each step takes Redis a few milliseconds, so heartbeats and other commands go on between.
+# A snapshot of at most ARGV[1] rows, with its (epoch, seq), in one round trip; no rows (nil) when larger (those are
+# read in pieces). KEYS: snapmeta, snap.
+_SMALL_SNAPSHOT = """
+local meta = redis.call('HMGET', KEYS[1], 'epoch', 'seq')
+if redis.call('SCARD', KEYS[2]) > tonumber(ARGV[1]) then return {meta[1], meta[2], false} end
+return {meta[1], meta[2], redis.call('SMEMBERS', KEYS[2])}
+"""
+
 _DIFF_PIECE = """
 local scan = redis.call('SSCAN', KEYS[1], ARGV[1], 'COUNT', ARGV[2])
 local members = scan[2]
@@ -486,6 +494,7 @@ class Store:
         self._delete_rule = client.register_script(_DELETE_RULE)
         self._push = client.register_script(_PUSH)
         self._diff_piece = client.register_script(_DIFF_PIECE)
+        self._small_snapshot = client.register_script(_SMALL_SNAPSHOT)
         self._publish_table = client.register_script(_PUBLISH_TABLE)
         self._settle = client.register_script(_SETTLE)
 
@@ -832,9 +841,15 @@ class Store:
         return added, deleted
 
     async def snapshot(self, ds_id: str, table: str) -> Snapshot:
-        """Rows and their (epoch, seq), in agreement. Read in pieces (yielding between them, so a large table
+        """Rows and their (epoch, seq), in agreement. A table of up to CHUNK_ROWS rows is read in one round trip
+        (a resync holds the table's diffs waiting, and a piecewise read took 11 round trips when publications
+        kept coming: 1.3 s on a link 100 ms slow). A larger one is read in pieces (yielding between them, so it
         does not stop the reader's loop), between two reads of (epoch, seq): when those differ a publication
         came in between, and the read starts again; after SNAPSHOT_TRIES in one MULTI/EXEC."""
+        epoch, seq, members = await self._call(self._small_snapshot(
+            keys=[self.k_snapmeta(ds_id, table), self.k_snap(ds_id, table)], args=[CHUNK_ROWS]))
+        if members is not None:
+            return Snapshot(epoch=int(epoch or 0), seq=int(seq or 0), rows=set(rows_from_keys(list(members))))
         for _ in range(SNAPSHOT_TRIES):
             before = await self.snapshot_meta(ds_id, table)
             rows: set[Row] = set()
