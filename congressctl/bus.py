@@ -31,7 +31,9 @@ from congressctl.errors import BusError, CongressctlError
 
 log = logging.getLogger("congressctl.bus")
 
-BUS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+# RuntimeError: on uvloop a write to a connection closed under redis-py (a bus failover) raises "the handler is
+# closed", which redis-py passes on after dropping that connection; it stopped every api-pe at its next publish
+BUS_ERRORS = (RedisError, OSError, asyncio.TimeoutError, RuntimeError)
 # A write waits up to store.REPLICA_WAIT_MS (1 s) for its replicas; past 2 s the bus is gone (a failover is under
 # way) and the caller hears so while its own client still waits (2 s is a usual client timeout).
 COMMAND_TIMEOUT_S = 2.0

@@ -8,8 +8,9 @@ import signal
 import time
 
 import pytest
+import uvloop
 
-from congressctl.bus import COMMAND_TIMEOUT_S, Bus, Channels, make_redis
+from congressctl.bus import COMMAND_TIMEOUT_S, Bus, Channels, command, make_redis
 from congressctl.errors import BusError
 from congressctl.node.dsd import SAME_ACTION_WINDOW_S, Leadership, PeerKey, Request, requests_of
 from congressctl.node import store as store_module
@@ -26,6 +27,20 @@ def client_for(server, password=None):
 
 
 # -- store ------------------------------------------------------------------------------------------------
+
+def test_a_write_to_a_connection_closed_under_redis_py_is_a_bus_error():
+    """On uvloop (the nodes' loop) a write to a transport closed under redis-py raises RuntimeError ("the handler
+    is closed"), which redis-py passes on after dropping the connection: it stopped every api-pe at its next
+    action publish after a bus failover (seen in the lab's logs). It is the bus gone, like a reset."""
+    async def closed() -> None:
+        raise RuntimeError("unable to perform operation on <TCPTransport closed=True>; the handler is closed")
+
+    async def go():
+        await command(closed(), "publish to x failed")
+    with pytest.raises(BusError, match="publish to x failed: RuntimeError: .*handler is closed"):
+        uvloop.run(go())
+
+
 
 def test_concurrent_datasource_create_makes_exactly_one(redis_server):
     async def go():
