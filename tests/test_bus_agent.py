@@ -300,16 +300,26 @@ def _garble_the_manifest(aof: Path) -> Path:
     return manifest
 
 
+def _aof_settled(instance: Instance) -> bool:
+    info = instance.client().info("persistence")
+    return info["aof_enabled"] == 1 and info["aof_rewrite_in_progress"] == 0 and info["aof_rewrite_scheduled"] == 0
+
+
 @pytest.mark.parametrize("garble,repaired", [(_garble_the_increment, True), (_garble_the_manifest, False)])
 def test_a_replica_whose_aof_cannot_load_starts_keeping_it_aside_and_resyncs_from_the_master(
         bus, garble, repaired) -> None:
     """A node whose AOF was garbled (bus-node-fail after disk-full) still starts its bus instance: from what
     redis-check-aof --fix makes of the AOF, else empty, with the original kept; either way it resyncs."""
     m, master, a, b, agents = bus
+    # A replica rewrites its AOF after its full sync: writes taken before that ends go into the new base file,
+    # and a garble in an empty increment is a truncated tail, which Redis loads (aof-load-truncated).
+    wait_for(lambda: _aof_settled(a), 15, what="A's AOF rewrite after its sync done")
     writer = m.client()
     for i in range(20):
         writer.set(f"before-{i}", i)
     assert writer.execute_command("WAIT", 2, 2000) == 2
+    wait_for(lambda: any(b"before-19" in p.read_bytes() for p in (a.dir / "appendonlydir").glob("*.incr.aof")), 5,
+             what="A's increment holds the writes")
     assert agents["a"].run("stop").returncode == OCF_SUCCESS
     garbled = garble(a.dir / "appendonlydir")
     original = garbled.read_bytes()
